@@ -1,0 +1,67 @@
+"""The ``convlens`` command (typer + rich). One module per command group; errors become exit
+codes only in ``_errors.py``."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from convlens.cli import _console
+from convlens.cli._errors import ConvlensGroup
+from convlens.cli.demo import demo
+from convlens.cli.info import layers, models, plugins, samples
+from convlens.cli.probe import probe_app, register_probe_commands
+from convlens.cli.recipe import recipe_app, register_recipe_commands
+
+__all__ = ["app", "main", "build_app"]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from convlens import __version__
+
+        _console.out.print(f"convlens {__version__}")
+        raise typer.Exit()
+
+
+def build_app() -> typer.Typer:
+    """A fresh app with one subcommand per currently registered probe and recipe."""
+    app = typer.Typer(
+        cls=ConvlensGroup,
+        help="Interpretability for any PyTorch convnet (Zeiler & Fergus, ECCV 2014, as a tool).",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=False,
+        rich_markup_mode="rich",
+    )
+
+    @app.callback()
+    def root(
+        ctx: typer.Context,
+        debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+        version: Annotated[
+            bool, typer.Option("--version", callback=_version, is_eager=True)
+        ] = False,
+    ) -> None:
+        ctx.obj = {"debug": debug}
+
+    app.command()(models)
+    app.command()(layers)
+    app.command()(plugins)
+    app.command()(samples)
+    app.command()(demo)
+    probes = typer.Typer(help=probe_app.info.help, no_args_is_help=True)
+    register_probe_commands(probes)
+    app.add_typer(probes, name="probe")
+    recipes = typer.Typer(help=recipe_app.info.help, no_args_is_help=True)
+    register_recipe_commands(recipes)
+    app.add_typer(recipes, name="recipe")
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    _console.install_warning_handler()
+    app = build_app()
+    sys.exit(app(args=argv, prog_name="convlens", standalone_mode=True) or 0)

@@ -1,0 +1,65 @@
+"""``convlens demo``: the main job on the embedded default — every installed probe on the
+ImageNet-pretrained EfficientNet-Lite0 and the bundled photos, into one report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from convlens.cli._console import err, out, progress_bar
+from convlens.runner import DEFAULT_MODEL
+
+
+def demo(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name.")] = DEFAULT_MODEL,
+    images: Annotated[
+        list[Path] | None, typer.Option("--images", "-i", help="Images (default: bundled photos).")
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path(
+        "convlens-out"
+    ),
+    probes: Annotated[
+        str | None, typer.Option("--probes", help="Comma-separated probe names (default: all).")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
+) -> None:
+    """Run every installed probe with its defaults and write OUT/index.html."""
+    from convlens.errors import ConvlensError
+    from convlens.options import parse_str_list
+    from convlens.plugins import get_host
+    from convlens.probe import ProbeContext
+    from convlens.render.report import build_report
+    from convlens.runner import load_model, resolve_device, run_probe, write_overview
+
+    host = get_host()
+    names = parse_str_list(probes) or host.probes.names()
+    for n in names:
+        host.probes.get(n)  # unknown names fail before any work
+    dev = resolve_device(device)
+    net, label = load_model(model, device=dev, host=host)
+    from convlens.data import default_images
+
+    image_paths = [Path(p) for p in images] if images else list(default_images())
+    ctx = ProbeContext(net, label, image_paths, out_dir / "overview", {}, dev)
+    err.print(f"[bold]convlens demo[/]: model {label}, {len(image_paths)} image source(s), "
+              f"probes: {', '.join(names) or 'none installed'}")
+    t0 = time.perf_counter()
+    write_overview(ctx, out_dir)
+    failed = []
+    for n in names:
+        t = time.perf_counter()
+        try:
+            run_probe(n, net, images=image_paths, out=out_dir, device=dev, host=host,
+                      progress_factory=progress_bar, overview=False)
+            err.print(f"  [green]✓[/] {n} ({time.perf_counter() - t:.1f} s)")
+        except ConvlensError as exc:
+            failed.append(n)
+            err.print(f"  [red]✗[/] {n}: {exc}")
+    report = build_report(out_dir, meta={"model": label})
+    out.print(f"report:  {report}")
+    out.print(f"results: {out_dir}/<probe>/ (JSON, NPZ, PNG) — {time.perf_counter() - t0:.1f} s")
+    if failed:
+        raise ConvlensError(f"probe(s) failed in the demo: {', '.join(failed)}")

@@ -1,0 +1,111 @@
+"""``convlens probe NAME …``: one subcommand per registered probe, options from the plugin."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from convlens.cli._console import out, progress_bar
+from convlens.options import Option
+from convlens.runner import DEFAULT_MODEL
+
+probe_app = typer.Typer(
+    help="Run a probe on a model and images (built-in or from a plugin).",
+    no_args_is_help=True,
+)
+
+
+def _common_params() -> list[inspect.Parameter]:
+    kw = inspect.Parameter.KEYWORD_ONLY
+    return [
+        inspect.Parameter(
+            "model", kw, default=DEFAULT_MODEL,
+            annotation=Annotated[str, typer.Option("--model", "-m", help="Model name (convlens, "
+                                                   "plugin or any timm architecture).")],
+        ),
+        inspect.Parameter(
+            "weights", kw, default=None,
+            annotation=Annotated[Path | None, typer.Option(
+                "--weights", help="Weights: .safetensors or a torch checkpoint (weights_only).")],
+        ),
+        inspect.Parameter(
+            "images", kw, default=None,
+            annotation=Annotated[list[Path] | None, typer.Option(
+                "--images", "-i", help="Image files or folders (recursive); repeatable. "
+                "Default: the bundled sample photos.")],
+        ),
+        inspect.Parameter(
+            "out", kw, default=Path("convlens-out"),
+            annotation=Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+        ),
+        inspect.Parameter(
+            "device", kw, default="auto",
+            annotation=Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")],
+        ),
+        inspect.Parameter(
+            "seed", kw, default=0,
+            annotation=Annotated[int, typer.Option("--seed", help="Random seed (recorded).")],
+        ),
+    ]
+
+
+def _option_param(opt: Option) -> inspect.Parameter:
+    typ: Any = opt.type
+    if opt.multiple:
+        typ = list[opt.type] | None
+    elif opt.default is None and opt.type is not bool:
+        typ = opt.type | None
+    help_text = opt.help + (f" One of: {', '.join(opt.choices)}." if opt.choices else "")
+    decl = opt.flag if opt.type is not bool else f"{opt.flag}/--no-{opt.flag[2:]}"
+    return inspect.Parameter(
+        opt.name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=opt.default,
+        annotation=Annotated[typ, typer.Option(decl, help=help_text)],
+    )
+
+
+def make_probe_command(probe_cls: type) -> Any:
+    common = {p.name for p in _common_params()}
+    clash = [o.name for o in probe_cls.options if o.name in common]
+    if clash:
+        from convlens.errors import PluginError
+
+        raise PluginError(f"probe {probe_cls.name!r}: option {clash[0]!r} clashes with a common one")
+
+    def command(**kwargs: Any) -> None:
+        from convlens.runner import run_probe
+
+        base = {k: kwargs.pop(k) for k in list(kwargs) if k in common}
+        if not probe_cls.needs_images:
+            base.pop("images", None)
+        result = run_probe(probe_cls.name, progress_factory=progress_bar, **base, **kwargs)
+        table = Table(title=f"probe {probe_cls.name}", show_header=False)
+        table.add_column("key")
+        table.add_column("value")
+        for k, v in probe_cls().describe(result):
+            table.add_row(k, v)
+        out.print(table)
+        out.print(f"results: {Path(base['out']) / probe_cls.name}")
+        out.print(f"report:  {Path(base['out']) / 'index.html'}")
+
+    command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        _common_params() + [_option_param(o) for o in probe_cls.options]
+    )
+    command.__name__ = f"probe_{probe_cls.name}"
+    return command
+
+
+def register_probe_commands(app: typer.Typer) -> None:
+    from convlens.plugins import get_host
+
+    host = get_host()
+    for name, probe_cls in host.probes.items():
+        doc = probe_cls.summary + (f" ({probe_cls.paper})" if probe_cls.paper else "")
+        app.command(name=name, help=doc, short_help=probe_cls.summary)(
+            make_probe_command(probe_cls)
+        )

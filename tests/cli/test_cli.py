@@ -1,0 +1,118 @@
+"""The CLI: exit codes, one-line errors, the layers table, probe options from the plugin."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import convlens
+from convlens.cli import build_app
+
+runner = CliRunner()
+
+
+class EchoProbe(convlens.Probe):
+    """A test probe: records one layer and reports its mean."""
+
+    name = "echo"
+    summary = "mean of one layer"
+    options = (
+        convlens.Option("layer", str, "conv1", "Layer."),
+        convlens.Option("repeat", int, 1, "Times."),
+        convlens.Option("mode", str, "mean", "Reduction.", choices=("mean", "max")),
+    )
+
+    def run(self, ctx):
+        x, _ = ctx.inputs()
+        with convlens.record(ctx.model, [ctx.options["layer"]], trace=False) as rec:
+            ctx.model(x)
+        a = rec[ctx.options["layer"]]
+        v = float(a.mean() if ctx.options["mode"] == "mean" else a.max())
+        return convlens.ProbeResult(self.name, {"value": v, "repeat": ctx.options["repeat"]})
+
+
+@pytest.fixture
+def app(isolated_host):
+    import types
+
+    plugin = types.SimpleNamespace()
+
+    @convlens.hookimpl
+    def convlens_register_probes(registry):
+        registry.register("echo", EchoProbe)
+
+    plugin.convlens_register_probes = convlens_register_probes
+    isolated_host(("echo-plugin", plugin))
+    return build_app()
+
+
+def _one_error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    assert "Traceback" not in result.output
+    return errors[0]
+
+
+def test_layers_zfnet_shapes_and_fields(app):
+    res = runner.invoke(app, ["layers", "--model", "zfnet"])
+    assert res.exit_code == 0, res.output
+    rows = {line.split("│")[1].strip(): line for line in res.output.splitlines() if "│" in line}
+    for name, size, rf in [("features.conv1", "110×110", " 7 "), ("features.pool1", "55×55", " 11 "),
+                           ("features.conv2", "26×26", " 27 "), ("features.pool2", "13×13", " 43 "),
+                           ("features.relu5", "13×13", " 139 "), ("features.pool5", "6×6", " 171 ")]:
+        assert size in rows[name] and rf in rows[name], rows[name]
+
+
+@pytest.mark.parametrize("model", ["resnet18", "efficientnet_lite0"])
+def test_layers_timm_models(app, model):
+    res = runner.invoke(app, ["layers", "--model", model, "--size", "64"])
+    assert res.exit_code == 0, res.output
+    assert "global" in res.output and "Conv2d" in res.output
+
+
+def test_probe_options_come_from_the_plugin(app, images, tmp_path):
+    res = runner.invoke(app, ["probe", "echo", "--help"])
+    assert res.exit_code == 0 and "--repeat" in res.output and "--mode" in res.output
+    res = runner.invoke(app, ["probe", "echo", "--model", "zfnet", "--images", str(images),
+                              "--out", str(tmp_path / "o"), "--repeat", "3", "--mode", "max"])
+    assert res.exit_code == 0, res.output
+    assert "repeat" in res.output and (tmp_path / "o" / "echo" / "run.json").exists()
+    assert (tmp_path / "o" / "index.html").exists()
+
+
+def test_bad_inputs_exit_2_with_one_line(app, images, tmp_path):
+    base = ["probe", "echo", "--model", "zfnet", "--out", str(tmp_path / "o")]
+    res = runner.invoke(app, [*base, "--images", str(images), "--layer", "features.conv9"])
+    assert res.exit_code == 2 and "features.conv9" in _one_error_line(res)
+    res = runner.invoke(app, [*base, "--images", str(tmp_path / "missing.jpg")])
+    assert res.exit_code == 2 and "missing.jpg" in _one_error_line(res)
+    text = tmp_path / "notes.jpg"
+    text.write_text("this is not an image")
+    res = runner.invoke(app, [*base, "--images", str(text)])
+    assert res.exit_code == 2 and "notes.jpg" in _one_error_line(res)
+    res = runner.invoke(app, [*base, "--images", str(images), "--mode", "median"])
+    assert res.exit_code == 2 and "median" in _one_error_line(res)
+    res = runner.invoke(app, ["layers", "--model", "zfnt"])
+    assert res.exit_code == 2 and "zfnet" in _one_error_line(res)
+    res = runner.invoke(app, ["layers", "--model", "zfnet", "--weights", str(tmp_path / "w.pt")])
+    assert res.exit_code == 2 and "w.pt" in _one_error_line(res)
+
+
+def test_debug_shows_the_traceback(app, tmp_path):
+    res = runner.invoke(app, ["--debug", "layers", "--model", "zfnt"])
+    assert res.exit_code != 0 and res.exception is not None
+
+
+def test_cuda_request_without_gpu_is_clear(app, images, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    res = runner.invoke(app, ["probe", "echo", "--model", "zfnet", "--images", str(images),
+                              "--device", "cuda", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "CUDA" in _one_error_line(res)
+
+
+def test_unknown_recipe_and_probe_exit_2(app):
+    assert runner.invoke(app, ["probe", "nope"]).exit_code == 2
+    assert runner.invoke(app, ["recipe", "nope"]).exit_code == 2

@@ -116,3 +116,15 @@ def test_cuda_request_without_gpu_is_clear(app, images, tmp_path):
 def test_unknown_recipe_and_probe_exit_2(app):
     assert runner.invoke(app, ["probe", "nope"]).exit_code == 2
     assert runner.invoke(app, ["recipe", "nope"]).exit_code == 2
+
+
+def test_demo_runs_every_probe_into_one_report(app, images, tmp_path):
+    out = tmp_path / "demo"
+    res = runner.invoke(app, ["demo", "--model", "zfnet", "--images", str(images), "--out",
+                              str(out)])
+    assert res.exit_code == 0, res.output
+    assert (out / "echo" / "run.json").exists() and (out / "overview" / "overview.json").exists()
+    html = (out / "index.html").read_text()
+    assert "Model overview" in html and "random weights" in html
+    res = runner.invoke(app, ["demo", "--probes", "nope", "--out", str(out)])
+    assert res.exit_code == 2 and "nope" in _one_error_line(res)

@@ -25,7 +25,8 @@ __all__ = [
     "top_conv_layer",
 ]
 
-_SKIP_TYPES = ("Dropout", "Identity", "Flatten", "MaxPool", "AvgPool", "AdaptiveAvgPool", "Pool")
+# Layers that only move or drop values: never "the top conv layer" (module or functional names).
+_SKIP_TYPES = ("dropout", "identity", "flatten", "pool")
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def top_conv_layer(model: nn.Module, rec=None) -> str:
         shape = call.output_shape
         if not shape or len(shape) != 4 or shape[-1] <= 1 or shape[-2] <= 1:
             continue
-        if any(s in call.type for s in _SKIP_TYPES) or call.type in ("dropout", "flatten"):
+        if any(s in call.type.lower() for s in _SKIP_TYPES):
             continue
         return call.name
     raise LayerNotFoundError(f"{type(model).__name__} has no layer with a spatial output")

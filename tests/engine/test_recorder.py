@@ -172,3 +172,14 @@ def test_trace_model_lists_layers_in_order():
     names = [c.name for c in rec.leaves()]
     assert names[:4] == ["features.conv1", "features.relu1", "features.pool1", "features.norm1"]
     assert names[-1] == "fc"
+
+
+def test_top_conv_layer_skips_pooling_modules_and_functions():
+    from convlens.engine import top_conv_layer
+
+    model, shape = tiny_model("functional")
+    assert top_conv_layer(model, trace_model(model, torch.zeros(shape))) == "/relu:1"
+    model, shape = tiny_model("reused")
+    assert top_conv_layer(model, trace_model(model, torch.zeros(shape))) == "relu:1"
+    chain, _ = tiny_model("chain")
+    assert top_conv_layer(chain) == "conv3"  # the alias wins where the model defines one

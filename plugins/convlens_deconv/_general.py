@@ -1,0 +1,188 @@
+"""The deconvnet of Section 2.1 as a *modified backward pass*, for any convnet.
+
+Zeiler & Fergus (Section 2.1, Fig. 1) walk a chain network backwards: unpool with the switches,
+rectify, filter with the transposed filters. On a graph that is not a chain (residual additions,
+concatenations, depthwise convolutions, BatchNorm, ReLU6/SiLU) the same rules are applied to
+autograd's backward pass:
+
+* **ReLU family** (``relu``, ``relu6``, ``hardtanh``, ``leaky_relu``, ``elu``, ``selu``,
+  ``celu``, ``gelu``, ``silu``, ``mish``, ``hardswish``, ``softplus``, ``prelu``, ``rrelu``; as
+  ``nn`` modules, ``F.*`` functions or tensor methods, in place or not): the backward of the op is
+  replaced by *rectifying the incoming signal*, ``relu(grad_out)``, independent of the forward
+  input — the deconvnet's "rectification". Ops are seen through a ``TorchFunctionMode`` (the
+  engine's approach, :mod:`convlens.engine.capture`), so functional calls are rectified too.
+* **max pooling** (module or functional, adaptive too): autograd's own backward, which routes the
+  signal to the recorded argmax (the switches) and *adds* where overlapping windows chose the same
+  input position.
+* **linear ops** (convolutions of any stride/padding/dilation/groups, linear layers, average
+  pooling, additions, concatenations, reshapes, padding, interpolation): autograd's backward is
+  their transpose; biases never enter a backward pass.
+* **BatchNorm** in eval mode is a per-channel affine map; its backward multiplies by
+  ``gamma / sqrt(running_var + eps)`` (the transpose of the folded convolution) — exactly
+  autograd's, computed as one multiplication (cheaper than ``native_batch_norm_backward``).
+* **contrast normalisation** (``local_response_norm``): ``mode="paper"`` skips it (the backward
+  passes the signal through unchanged, as the paper's deconvnet does); ``mode="captum"`` uses its
+  true gradient. ``layer_norm``/``group_norm``/``instance_norm``: ``"paper"`` treats their
+  statistics as constants (backward = ``grad * weight / sigma``), ``"captum"`` the true gradient.
+* everything else (``sigmoid``/``tanh`` gates, softmax, multiplications) keeps its ordinary
+  gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from convlens.engine.capture import function_name
+
+__all__ = ["DeconvMode", "RECTIFIERS", "MODES"]
+
+#: Normalised op names whose backward becomes ``relu(grad_out)``.
+RECTIFIERS = frozenset(
+    "relu relu6 hardtanh leaky_relu elu selu celu gelu silu mish hardswish softplus prelu "
+    "rrelu".split()
+)
+_FROZEN_NORMS = frozenset({"layer_norm", "group_norm", "instance_norm"})
+#: ``paper``: skip contrast normalisation (Section 2.1); ``captum``: back-propagate through it.
+MODES = ("paper", "captum")
+
+
+class _Rectify(torch.autograd.Function):
+    """Forward: the original op (in place if it was). Backward: ``relu(grad_out)``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]):
+        out = fn(x)
+        if out.data_ptr() == x.data_ptr() and out.shape == x.shape:  # the op ran in place
+            ctx.mark_dirty(x)
+            return x
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.clamp(min=0), None
+
+
+class _PassThrough(torch.autograd.Function):
+    """Forward: the original op. Backward: the signal unchanged (a skipped layer)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]):
+        out = fn(x)
+        if out.data_ptr() == x.data_ptr() and out.shape == x.shape:
+            ctx.mark_dirty(x)
+            return x
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _Scaled(torch.autograd.Function):
+    """Forward: the original op. Backward: ``grad * gain`` (a normalisation with frozen
+    statistics: ``gain = weight / sigma`` broadcast to the input's shape)."""
+
+    @staticmethod
+    def forward(
+        ctx, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], gain: torch.Tensor
+    ):
+        ctx.save_for_backward(gain)
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (gain,) = ctx.saved_tensors
+        return grad * gain.to(grad.dtype), None, None
+
+
+def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
+    if len(args) > i:
+        return args[i]
+    return kwargs.get(name, default)
+
+
+def _frozen_gain(name: str, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """``weight / sigma`` of a normalisation, broadcastable to ``x``; None when not applicable."""
+    if name == "batch_norm":  # eval mode only: the running statistics are constants
+        running_var = _arg(args, kwargs, 2, "running_var")
+        weight = _arg(args, kwargs, 3, "weight")
+        training = _arg(args, kwargs, 5, "training", False)
+        eps = _arg(args, kwargs, 7, "eps", 1e-5)
+        if training or running_var is None or x.dim() < 2:
+            return None
+        gain = torch.rsqrt(running_var.detach().float() + eps)
+        if weight is not None:
+            gain = gain * weight.detach().float()
+        return gain.reshape(1, -1, *([1] * (x.dim() - 2)))
+    xd = x.detach().float()
+    if name == "layer_norm":
+        shape = _arg(args, kwargs, 1, "normalized_shape")
+        weight = _arg(args, kwargs, 2, "weight")
+        eps = _arg(args, kwargs, 4, "eps", 1e-5)
+        dims = tuple(range(x.dim() - len(tuple(shape)), x.dim()))
+        sigma = (xd.var(dim=dims, unbiased=False, keepdim=True) + eps).sqrt()
+        gain = 1.0 / sigma
+        if weight is not None:
+            gain = gain * weight.detach().float()
+        return gain.expand_as(xd).to(x.dtype)
+    if name == "group_norm":
+        groups = int(_arg(args, kwargs, 1, "num_groups"))
+        weight = _arg(args, kwargs, 2, "weight")
+        eps = _arg(args, kwargs, 4, "eps", 1e-5)
+        n, c = x.shape[:2]
+        sigma = (xd.reshape(n, groups, -1).var(-1, unbiased=False) + eps).sqrt()
+        gain = (1.0 / sigma).repeat_interleave(c // groups, dim=1)
+        gain = gain.reshape(n, c, *([1] * (x.dim() - 2)))
+        if weight is not None:
+            gain = gain * weight.detach().float().reshape(1, c, *([1] * (x.dim() - 2)))
+        return gain.expand_as(xd).to(x.dtype)
+    if name == "instance_norm":
+        weight = _arg(args, kwargs, 3, "weight")
+        eps = _arg(args, kwargs, 7, "eps", 1e-5)
+        dims = tuple(range(2, x.dim()))
+        sigma = (xd.var(dim=dims, unbiased=False, keepdim=True) + eps).sqrt()
+        gain = 1.0 / sigma
+        if weight is not None:
+            gain = gain * weight.detach().float().reshape(1, -1, *([1] * (x.dim() - 2)))
+        return gain.expand_as(xd).to(x.dtype)
+    return None
+
+
+class DeconvMode(TorchFunctionMode):
+    """Inside this mode, a forward pass builds an autograd graph whose backward is the deconvnet
+    (see the module docstring). ``seen`` counts the ops it modified, by name — a probe records
+    them (e.g. ``{"hardtanh": 33}`` for efficientnet_lite0's ReLU6)."""
+
+    def __init__(self, mode: str = "paper") -> None:
+        super().__init__()
+        if mode not in MODES:
+            from convlens.errors import ConvlensError
+
+            raise ConvlensError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+        self.mode = mode
+        self.seen: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        kwargs = kwargs or {}
+        name = function_name(func)
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, torch.Tensor) or not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        rest = args[1:]
+        kw = {k: v for k, v in kwargs.items() if k != "input"}
+        if name in RECTIFIERS:
+            self.seen[name] = self.seen.get(name, 0) + 1
+            return _Rectify.apply(x, lambda t: func(t, *rest, **kw))
+        if name == "local_response_norm" and self.mode == "paper":
+            self.seen[name] = self.seen.get(name, 0) + 1
+            return _PassThrough.apply(x, lambda t: func(t, *rest, **kw))
+        if name == "batch_norm" or (name in _FROZEN_NORMS and self.mode == "paper"):
+            gain = _frozen_gain(name, x, args, kwargs)
+            if gain is not None:
+                self.seen[name] = self.seen.get(name, 0) + 1
+                return _Scaled.apply(x, lambda t: func(t, *rest, **kw), gain)
+        return func(*args, **kwargs)

@@ -1,0 +1,325 @@
+"""Top-k mining: the strongest activations of chosen channels across a set of images (Fig. 2).
+
+Section 4: "for layers 2–5 we show the top 9 activations in a random subset of feature maps across
+the validation data". :func:`mine_topk` streams over the images once, in batches, keeping for each
+chosen channel only its ``k`` best (value, image, y, x) so far — memory is ``k × channels``
+entries, whatever the number of images (the images are read one by one and dropped).
+
+Each image contributes at most ``per_image`` positions per channel (default 1: its strongest), so
+the top 9 come from 9 different images, as in the paper's figure.
+
+Order is total and deterministic: value descending, then image index, then position ascending;
+streaming, batching and the distributed merge all give the same result.
+
+**Across machines.** Under ``torchrun`` (``torch.distributed`` initialised), rank ``r`` of ``W``
+mines images ``r, r+W, r+2W, …`` of the common file list and the per-channel top-k are merged with
+``all_gather`` — every rank ends with the global result, equal to a single-process run.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from convlens.data import Preprocess, SkippedImageWarning, find_images, load_image
+from convlens.errors import ConvlensError, ImageError
+from convlens_deconv._forward import recorded_forward
+
+__all__ = ["TopK", "mine_topk", "merge_topk", "image_batches", "distributed_info"]
+
+
+@dataclass
+class TopK:
+    """Per-channel top-k activations. ``values``/``image``/``y``/``x`` are ``[C, k]`` (row ``i``
+    belongs to ``channels[i]``), best first; unused slots have value ``-inf`` and image ``-1``;
+    ``y = x = -1`` for a layer without spatial layout. ``image`` indexes ``files`` (the common
+    ordered file list) or the rows of an input tensor."""
+
+    layer: str
+    channels: list[int]
+    k: int
+    values: torch.Tensor
+    image: torch.Tensor
+    y: torch.Tensor
+    x: torch.Tensor
+    n_images: int = 0
+    files: list[Path] | None = None
+    world_size: int = 1
+    map_shape: tuple[int, ...] = ()
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every filled slot as ``{channel, rank, image, y, x, value}`` (channel-major)."""
+        out = []
+        for row, ch in enumerate(self.channels):
+            for r in range(self.k):
+                img = int(self.image[row, r])
+                if img < 0:
+                    continue
+                out.append(
+                    {
+                        "channel": ch,
+                        "rank": r,
+                        "image": img,
+                        "y": int(self.y[row, r]),
+                        "x": int(self.x[row, r]),
+                        "value": float(self.values[row, r]),
+                    }
+                )
+        return out
+
+    def path(self, image: int) -> Path | None:
+        return (
+            self.files[image] if self.files is not None and 0 <= image < len(self.files) else None
+        )
+
+
+def distributed_info() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialised ``torch.distributed`` group, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _order(values: torch.Tensor, key2: torch.Tensor) -> torch.Tensor:
+    """Per row: indices sorting by value descending, then ``key2`` ascending (stable)."""
+    o2 = torch.sort(key2, dim=1, stable=True).indices
+    v = torch.gather(values, 1, o2)
+    o1 = torch.sort(v, dim=1, descending=True, stable=True).indices
+    return torch.gather(o2, 1, o1)
+
+
+def merge_topk(parts: Sequence[tuple[torch.Tensor, ...]], k: int, positions: int) -> tuple:
+    """Merge candidate sets ``(values, image, y, x)`` (each ``[C, n_i]``) into the top ``k`` per
+    row, in the deterministic order (value desc, image asc, position asc)."""
+    values = torch.cat([p[0] for p in parts], 1)
+    image = torch.cat([p[1] for p in parts], 1)
+    ys = torch.cat([p[2] for p in parts], 1)
+    xs = torch.cat([p[3] for p in parts], 1)
+    empty = image < 0
+    values = values.masked_fill(empty | values.isnan(), float("-inf"))
+    big = torch.iinfo(torch.long).max // 4
+    pos = ys.clamp(min=0) * max(positions, 1) + xs.clamp(min=0)
+    key2 = torch.where(empty, torch.full_like(image, big), image * max(positions, 1) ** 2 + pos)
+    order = _order(values, key2)[:, :k]
+    out = [torch.gather(t, 1, order) for t in (values, image, ys, xs)]
+    if out[0].shape[1] < k:  # fewer candidates than k: pad
+        pad = k - out[0].shape[1]
+        c = values.shape[0]
+        out[0] = torch.cat([out[0], torch.full((c, pad), float("-inf"), dtype=values.dtype)], 1)
+        for i in (1, 2, 3):
+            out[i] = torch.cat([out[i], torch.full((c, pad), -1, dtype=torch.long)], 1)
+    return tuple(out)
+
+
+def image_batches(
+    images: Any,
+    preprocess: Preprocess,
+    batch_size: int,
+    rank: int = 0,
+    world: int = 1,
+) -> tuple[Iterator[tuple[torch.Tensor, list[int]]], list[Path] | None, int]:
+    """``(batches, files, total)``: an iterator of ``(inputs [B, 3, H, W], global indices)`` over
+    this rank's shard, the ordered file list (None for a tensor) and the number of candidates.
+
+    ``images``: a ``[N, 3, H, W]`` tensor (already preprocessed) or files/folders. Files found in a
+    folder that cannot be read are skipped with a :class:`~convlens.data.SkippedImageWarning`; a
+    file named explicitly that cannot be read raises."""
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4:
+            raise ConvlensError(f"images: expected [N, C, H, W], got {tuple(images.shape)}")
+        idx = list(range(rank, images.shape[0], world))
+
+        def tensor_batches() -> Iterator[tuple[torch.Tensor, list[int]]]:
+            for i in range(0, len(idx), batch_size):
+                part = idx[i : i + batch_size]
+                yield images[part], part
+
+        return tensor_batches(), None, int(images.shape[0])
+    paths = [Path(images)] if isinstance(images, (str, Path)) else [Path(p) for p in images]
+    files = find_images(paths)
+    explicit = {p for p in paths if not p.is_dir()}
+    mine = list(range(rank, len(files), world))
+
+    def file_batches() -> Iterator[tuple[torch.Tensor, list[int]]]:
+        buf: list[torch.Tensor] = []
+        ids: list[int] = []
+        for i in mine:
+            f = files[i]
+            try:
+                img = load_image(f)
+            except ImageError as exc:
+                if f in explicit:
+                    raise
+                reason = str(exc).removeprefix(f"{f}: ")
+                warnings.warn(f"{f}: skipped: {reason}", SkippedImageWarning, stacklevel=2)
+                continue
+            buf.append(preprocess(img))
+            ids.append(i)
+            del img
+            if len(buf) == batch_size:
+                yield torch.stack(buf), ids
+                buf, ids = [], []
+        if buf:
+            yield torch.stack(buf), ids
+
+    return file_batches(), files, len(files)
+
+
+def mine_topk(
+    model: nn.Module,
+    layer: str,
+    images: Any,
+    *,
+    channels: Sequence[int] | None = None,
+    k: int = 9,
+    per_image: int = 1,
+    preprocess: Preprocess | None = None,
+    batch_size: int = 16,
+    device: torch.device | str | None = None,
+    progress: Callable[[int], None] | None = None,
+    distributed: bool | None = None,
+) -> TopK:
+    """Stream over ``images`` once and keep, for each of ``channels`` (all when None) of
+    ``layer``, its ``k`` strongest activations (at most ``per_image`` per image).
+
+    ``images``: files/folders (streamed, read one at a time) or a preprocessed ``[N, 3, H, W]``
+    tensor. ``distributed``: None = use ``torch.distributed`` when it is initialised (shard the
+    images over ranks and merge), False = ignore it. ``progress(n)`` is called per batch."""
+    if k < 1 or per_image < 1:
+        raise ConvlensError(f"top-k mining: k and per_image must be >= 1 (got {k}, {per_image})")
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    pre = preprocess or Preprocess.for_model(model)
+    rank, world = distributed_info() if distributed in (None, True) else (0, 1)
+    batches, files, total = image_batches(images, pre, batch_size, rank, world)
+    chans: list[int] | None = list(channels) if channels is not None else None
+    best: tuple | None = None
+    seen = 0
+    positions = 1
+    map_shape: tuple[int, ...] = ()
+    was_training = model.training
+    model.eval()
+    try:
+        for xb, ids in batches:
+            with torch.inference_mode():
+                rec = recorded_forward(
+                    model, xb.to(device), [layer], layer, switches=False, trace=False
+                )
+                act = rec[layer]
+            if act.dim() not in (2, 4):
+                raise ConvlensError(
+                    f"layer {layer!r}: output of shape {tuple(act.shape)} cannot be mined"
+                )
+            if chans is None:
+                chans = list(range(act.shape[1]))
+            bad = [c for c in chans if not 0 <= c < act.shape[1]]
+            if bad:
+                raise ConvlensError(
+                    f"channel {bad[0]}: layer {layer!r} has {act.shape[1]} channels"
+                )
+            map_shape = tuple(act.shape[1:])
+            cand = _candidates(act, chans, ids, per_image)
+            positions = _positions(act)
+            best = merge_topk([best, cand] if best is not None else [cand], k, positions)
+            seen += len(ids)
+            if progress is not None:
+                progress(len(ids))
+    finally:
+        model.train(was_training)
+    if world > 1:  # every rank must agree on the channels and the map before merging
+        chans, positions, map_shape = _agree(chans, positions, map_shape)
+    if chans is None:
+        raise ConvlensError("top-k mining: no images")
+    if best is None:  # nothing on this rank (more ranks than images)
+        c = len(chans)
+        best = (
+            torch.full((c, k), float("-inf")),
+            *(torch.full((c, k), -1, dtype=torch.long) for _ in range(3)),
+        )
+    if world > 1:
+        best, seen = _all_gather_merge(best, k, seen, positions)
+    return TopK(
+        layer,
+        chans,
+        k,
+        best[0],
+        best[1],
+        best[2],
+        best[3],
+        n_images=seen,
+        files=files,
+        world_size=world,
+        map_shape=map_shape,
+    )
+
+
+def _positions(act: torch.Tensor) -> int:
+    return int(max(act.shape[-2:])) if act.dim() == 4 else 1
+
+
+def _candidates(act: torch.Tensor, chans: list[int], ids: list[int], per_image: int) -> tuple:
+    """Each image's best ``per_image`` positions per channel, as ``[C, B·p]`` tensors (CPU)."""
+    a = act[:, chans].float()
+    b = a.shape[0]
+    if a.dim() == 4:
+        w = a.shape[-1]
+        flat = a.flatten(2)
+        p = min(per_image, flat.shape[-1])
+        if p == 1:
+            v, pos = flat.max(-1, keepdim=True)
+        else:
+            v, pos = flat.topk(p, -1)
+        ys, xs = torch.div(pos, w, rounding_mode="floor"), pos % w
+    else:
+        p = 1
+        v = a[..., None]
+        ys = xs = torch.full_like(v, -1, dtype=torch.long)
+    img = torch.tensor(ids, dtype=torch.long, device=v.device)[:, None, None].expand(
+        b, len(chans), p
+    )
+
+    def cm(t: torch.Tensor) -> torch.Tensor:  # [B, C, p] -> [C, B*p]
+        return t.permute(1, 0, 2).reshape(len(chans), b * p).cpu()
+
+    return cm(v), cm(img), cm(ys), cm(xs)
+
+
+def _agree(chans: list[int] | None, positions: int, map_shape: tuple[int, ...]):
+    """Ranks that saw no image learn the channel list, positions and map shape from the others."""
+    import torch.distributed as dist
+
+    objs: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, (chans, positions, map_shape))
+    for c, _p, m in objs:
+        if c is not None:
+            return (chans if chans is not None else c), max(o[1] for o in objs), m
+    return None, positions, map_shape
+
+
+def _all_gather_merge(best: tuple, k: int, seen: int, positions: int) -> tuple:
+    import torch.distributed as dist
+
+    dev = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        dev = torch.device("cuda", torch.cuda.current_device())
+    world = dist.get_world_size()
+    gathered = []
+    for t in best:
+        t = t.to(dev).contiguous()
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t)
+        gathered.append([p.cpu() for p in parts])
+    count = torch.tensor([seen], dtype=torch.long, device=dev)
+    dist.all_reduce(count)
+    parts = [tuple(g[r] for g in gathered) for r in range(world)]
+    return merge_topk(parts, k, positions), int(count.item())

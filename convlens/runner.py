@@ -25,7 +25,14 @@ from convlens.options import parse_options
 from convlens.probe import ProbeContext, ProbeResult, ReportSection, seed_everything
 from convlens.render.report import build_report, esc, write_section
 
-__all__ = ["run_probe", "load_model", "resolve_device", "write_overview", "DEFAULT_MODEL"]
+__all__ = [
+    "run_probe",
+    "load_model",
+    "resolve_device",
+    "write_overview",
+    "is_main_process",
+    "DEFAULT_MODEL",
+]
 
 DEFAULT_MODEL = "efficientnet_lite0"
 
@@ -73,6 +80,25 @@ def load_model(
     return model.to(resolve_device(device)).eval(), label
 
 
+def is_main_process() -> bool:
+    """False on ranks other than 0 of an initialised ``torch.distributed`` group (torchrun):
+    files shared by all ranks (run.json, the report) are written once, by rank 0."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _first_images(ctx: ProbeContext, limit: int) -> tuple[torch.Tensor, list]:
+    """At most ``limit`` images, streamed (a 50k-image folder is not loaded for the overview)."""
+    import itertools
+
+    from convlens.data import Preprocess, iter_images
+
+    pre = ctx.preprocess or Preprocess.for_model(ctx.model)
+    items = list(itertools.islice(iter_images(ctx.images), limit))
+    return torch.stack([pre(img) for _, img in items]), [p for p, _ in items]
+
+
 def _class_name(model: nn.Module, idx: int) -> str:
     info = getattr(model, "convlens_info", None)
     names = getattr(info, "class_names", None)
@@ -87,14 +113,14 @@ def write_overview(ctx: ProbeContext, out_root: Path) -> dict[str, Any]:
     from convlens.engine import trace_model
 
     model = ctx.model
-    x, paths = ctx.inputs()
+    x, paths = _first_images(ctx, 16)
     with torch.inference_mode():
-        logits = model(x[:16].to(ctx.device))
+        logits = model(x.to(ctx.device))
     preds = []
     if logits.dim() == 2:
         probs = logits.float().softmax(-1).cpu()
         top = probs.topk(min(5, probs.shape[1]), dim=1)
-        for i, p in enumerate(paths[:16]):
+        for i, p in enumerate(paths):
             preds.append(
                 {
                     "image": str(p),
@@ -206,10 +232,13 @@ def run_probe(
     )
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     instance = probe_cls()
-    if overview and probe_cls.needs_images:
+    main = is_main_process()
+    if overview and probe_cls.needs_images and main:
         write_overview(ctx, out_root)
     result = instance.run(ctx)
     section = instance.render(result, ctx)
+    if not main:
+        return result
     if section is not None:
         write_section(out_root, probe_cls.name, section)
     from convlens import __version__

@@ -128,3 +128,26 @@ def test_demo_runs_every_probe_into_one_report(app, images, tmp_path):
     assert "Model overview" in html and "random weights" in html
     res = runner.invoke(app, ["demo", "--probes", "nope", "--out", str(out)])
     assert res.exit_code == 2 and "nope" in _one_error_line(res)
+
+
+def test_overview_streams_at_most_16_images(tmp_path):
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from convlens.models import create_model
+    from convlens.probe import ProbeContext
+    from convlens.runner import write_overview
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(20):
+        Image.fromarray(np.full((40, 40, 3), i * 10, np.uint8)).save(folder / f"{i:02d}.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = create_model("zfnet_mini")
+    ctx = ProbeContext(model, "zfnet_mini", [folder], tmp_path / "o", {})
+    data = write_overview(ctx, tmp_path / "o")
+    assert len(data["predictions"]) == 16
+    assert data["predictions"][0]["image"].endswith("00.png") and data["random_weights"]

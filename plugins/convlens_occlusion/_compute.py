@@ -1,0 +1,504 @@
+"""The occlusion sweep of Zeiler & Fergus 2014, Section 4.2 / Fig. 7, as a function.
+
+For each image and each position of a grey square: the probability of the correct class (Fig. 7
+(d)), the most probable class ((e)) and the total activity of one feature map of one layer ((b)),
+all read from the same forward passes. Two paths compute them: ``incremental`` (only the changed
+region of each layer is recomputed, see ``_incremental.py``) and ``batched`` (positions painted into
+full copies of the image and run through the model in batches). ``auto`` takes the incremental path
+and falls back to the batched one, saying why, when the model's graph or the chosen layer is not
+supported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from convlens.engine import record, resolve_layer, top_conv_layer, trace_model
+from convlens.errors import ConvlensError
+
+from ._grid import OcclusionGrid, default_window, fill_tensor, paint
+from ._incremental import Geom, IncrementalOcclusion, UnsupportedModel
+
+__all__ = ["OcclusionMaps", "occlusion_maps", "METHODS", "OcclusionFallbackWarning"]
+
+METHODS = ("auto", "incremental", "batched")
+#: Memory the positions of one batch may use (activations), to size batches automatically.
+BATCH_BYTES = 1 << 30
+#: Largest single tensor of a batch on the incremental path (see ``_incremental_batch``).
+TENSOR_BYTES = 24 << 20
+MIN_BATCH = 8
+MAX_BATCH = 256
+
+
+class OcclusionFallbackWarning(UserWarning):
+    """``method="auto"`` could not take the incremental path and used batched forwards."""
+
+
+@dataclass
+class OcclusionMaps:
+    """Result of :func:`occlusion_maps`. Maps are ``[N, rows, cols]`` over the grid's positions.
+
+    ``prob_target``: softmax probability of ``targets[n]`` with the square at each position (Fig.
+    7 (d)); ``logit_target``: its logit; ``top_class``: the most probable class ((e));
+    ``feature_activity``: the spatial sum of channel ``channels[n]`` of ``layer`` ((b));
+    ``logits``: every logit ``[N, rows, cols, K]`` when asked for. ``*_orig``: the same numbers for
+    the unoccluded image. ``path``: which computation ran, per image, and per layer for the
+    incremental path.
+    """
+
+    grid: OcclusionGrid
+    fill: tuple[float, ...]
+    layer: str
+    layer_module: str
+    targets: np.ndarray
+    target_source: str
+    channels: np.ndarray
+    channel_source: str
+    prob_target: np.ndarray
+    logit_target: np.ndarray
+    top_class: np.ndarray
+    feature_activity: np.ndarray
+    prob_orig: np.ndarray
+    logit_orig: np.ndarray
+    top1_orig: np.ndarray
+    feature_orig: np.ndarray
+    num_classes: int = 0
+    path: dict[str, Any] = field(default_factory=dict)
+    logits: np.ndarray | None = None
+    seconds: float = 0.0
+
+
+class _ThreadTuner:
+    """Intra-op threads for the sweep's batches. The incremental path runs many small ops, which
+    lose to threading overhead when the cores are shared (OpenMP threads then wait for each other):
+    with ``threads=None`` on CPU, the first three batches run with torch's thread count, one
+    thread, and torch's count again; the faster of the last two sets the rest. Values do not
+    depend on the choice beyond float rounding."""
+
+    def __init__(self, threads: int | None, device: torch.device) -> None:
+        self.initial = torch.get_num_threads()
+        self.choice = int(threads) if threads else self.initial
+        self.schedule = (
+            [self.initial, 1, self.initial]
+            if threads is None and device.type == "cpu" and self.initial > 1
+            else []
+        )
+        self.times: dict[int, float] = {}
+
+    @contextlib.contextmanager
+    def batch(self, positions: int) -> Iterator[None]:
+        if not self.schedule:
+            torch.set_num_threads(self.choice)
+            yield
+            return
+        threads = self.schedule.pop(0)
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        yield
+        if len(self.schedule) < 2:  # the first batch warms up; the next two are compared
+            self.times[threads] = (time.perf_counter() - t0) / max(1, positions)
+        if not self.schedule:
+            self.choice = min(self.times, key=self.times.get)
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.initial)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "threads": self.choice,
+            "tuned_seconds_per_position": {str(k): round(v, 5) for k, v in self.times.items()},
+        }
+
+
+def _as_int_list(value: int | Sequence[int] | None, n: int, what: str) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, np.integer)):
+        return [int(value)] * n
+    out = [int(v) for v in value]
+    if len(out) != n:
+        raise ConvlensError(f"occlusion {what}: {len(out)} values for {n} images")
+    return out
+
+
+def _auto_batch(per_position_numel: int, positions: int) -> int:
+    per = max(1, per_position_numel) * 4 * 3  # float32, input + output + one temporary
+    return int(max(1, min(MAX_BATCH, positions, BATCH_BYTES // per)))
+
+
+def occlusion_maps(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    *,
+    window: int | None = None,
+    stride: int | None = None,
+    fill: float | Sequence[float] = 0.0,
+    target: int | Sequence[int] | None = None,
+    layer: str | None = None,
+    channel: int | Sequence[int] | None = None,
+    method: str = "auto",
+    batch_size: int | None = None,
+    full_above: float = 0.7,
+    fold_batchnorm: bool = True,
+    threads: int | None = None,
+    return_logits: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> OcclusionMaps:
+    """Slide a square over every image of ``inputs`` (``[N, 3, H, W]``, model input space) and
+    record the classifier's and one feature map's response at each position (Section 4.2, Fig. 7).
+
+    ``window``/``stride``: square side and step in input pixels (default 32 / 8 at 224, scaled
+    with the input size). ``fill``: the square's value in model input space, one number or one
+    per channel (0 = the normalisation mean, i.e. the dataset mean pixel). ``target``: class(es)
+    whose probability is mapped (default: each image's unoccluded top-1). ``layer``/``channel``:
+    the feature map of (b) (default: the top convolutional layer and, per image, its channel with
+    the largest activation). ``method``: ``auto``, ``incremental`` or ``batched``.
+    ``batch_size``: positions per forward (default: by memory: the incremental path keeps its
+    largest tensor within 24 MiB, the batched path its activations within ~1 GiB).
+    ``full_above``: the incremental path runs a layer in full once the changed region would cover
+    more than this fraction of its map. ``fold_batchnorm``: the incremental path folds each
+    eval-mode BatchNorm into the convolution that alone feeds it (one pass instead of two; equal
+    to float rounding). ``threads``: intra-op threads during the sweep (default: torch's
+    setting or one thread, whichever runs the first batches faster; see ``path["threads"]``).
+    """
+    if method not in METHODS:
+        raise ConvlensError(f"occlusion method {method!r}: choose one of {', '.join(METHODS)}")
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
+        raise ConvlensError("occlusion inputs: expected a [N, C, H, W] tensor")
+    if batch_size is not None and batch_size < 1:
+        raise ConvlensError(f"occlusion batch_size {batch_size}: must be at least 1")
+    if model.training:
+        warnings.warn(
+            f"occlusion: {type(model).__name__} is in training mode (dropout, batch statistics): "
+            "call model.eval() for reproducible maps",
+            stacklevel=2,
+        )
+    t0 = time.perf_counter()
+    n_img, _, height, width = inputs.shape
+    device = next((p.device for p in model.parameters()), inputs.device)
+    x = inputs.to(device)
+    grid = OcclusionGrid(
+        int(height), int(width),
+        int(window) if window is not None else default_window(min(height, width)),
+        int(stride) if stride is not None else default_window(min(height, width), 8),
+    )  # fmt: skip
+    fill_t = fill_tensor(fill, x[0])
+    advance = progress or (lambda k=1: None)
+
+    with torch.inference_mode():
+        layer_name = layer or _default_layer(model, x[:1])
+        ref = resolve_layer(model, layer_name)
+        outs, acts = [], []
+        with record(
+            model, [layer_name], switches=False, trace=False, functional=ref.is_function
+        ) as rec:
+            for start in range(0, n_img, 16):
+                out = model(x[start : start + 16])
+                if not isinstance(out, torch.Tensor) or out.dim() != 2:
+                    raise ConvlensError(
+                        f"{type(model).__name__}: output is not a [N, classes] tensor of logits"
+                    )
+                outs.append(out)
+                acts.append(rec[layer_name])
+        logits0, act0 = torch.cat(outs), torch.cat(acts)
+        if act0.dim() != 4:
+            raise ConvlensError(
+                f"layer {layer_name!r}: output shape {tuple(act0.shape)} is not a feature map "
+                "[N, C, H, W]"
+            )
+        num_classes = logits0.shape[1]
+        targets = _as_int_list(target, n_img, "target")
+        target_source = "given" if targets is not None else "top-1 of the unoccluded image"
+        if targets is None:
+            targets = logits0.argmax(1).tolist()
+        for t in targets:
+            if not 0 <= t < num_classes:
+                raise ConvlensError(f"occlusion target {t}: the model has {num_classes} classes")
+        channels = _as_int_list(channel, n_img, "channel")
+        channel_source = "given" if channels is not None else "strongest activation"
+        if channels is None:
+            channels = act0.flatten(2).amax(2).argmax(1).tolist()
+        for c in channels:
+            if not 0 <= c < act0.shape[1]:
+                raise ConvlensError(
+                    f"occlusion channel {c}: layer {layer_name!r} has {act0.shape[1]} channels"
+                )
+        probs0 = logits0.double().softmax(1)
+        max_numel: int | None = None
+
+        engine: IncrementalOcclusion | None = None
+        reason: str | None = None
+        if method != "batched":
+            try:
+                engine = IncrementalOcclusion(
+                    model, ref.name, ref.call or 0, full_above, fold_batchnorm
+                )
+            except UnsupportedModel as exc:
+                if method == "incremental":
+                    raise
+                reason = str(exc)
+
+        positions = len(grid)
+        logits_all = torch.empty((n_img, positions, num_classes), dtype=torch.float32)
+        feature_all = torch.empty((n_img, positions), dtype=torch.float64)
+        per_image: list[str] = []
+        layout: list[str] = []
+        layers_report: list[dict] = []
+        batches: list[int] = []
+        tuners = {m: _ThreadTuner(threads, device) for m in ("incremental", "batched")}
+        try:
+            for i in range(n_img):
+                image_engine = engine
+                cache = None
+                if image_engine is not None:
+                    try:
+                        cache = image_engine.cache(x[i : i + 1])
+                        _validate(image_engine, cache, logits0[i : i + 1], act0[i : i + 1],
+                                  layer_name)  # fmt: skip
+                    except UnsupportedModel as exc:
+                        if method == "incremental":
+                            raise
+                        reason = str(exc)
+                        engine = image_engine = None
+                if image_engine is not None and cache is not None:
+                    b = _sweep_incremental(
+                        image_engine, cache, x[i], grid, fill_t, channels[i], batch_size,
+                        logits_all[i], feature_all[i], advance, layers_report,
+                        tuners["incremental"],
+                    )  # fmt: skip
+                    per_image.append("incremental")
+                else:
+                    if batch_size is None and max_numel is None:
+                        max_numel = _max_activation_numel(model, x[:1])
+                    b = batch_size or _auto_batch(max_numel, positions)
+                    _sweep_batched(
+                        model, x[i], grid, fill_t, layer_name, ref.is_function, channels[i], b,
+                        logits_all[i], feature_all[i], advance, layout, tuners["batched"],
+                    )  # fmt: skip
+                    per_image.append("batched")
+                batches.append(b)
+        finally:
+            for tuner in tuners.values():
+                tuner.restore()
+
+    if reason is not None and method == "auto":
+        warnings.warn(
+            f"occlusion: incremental inference not used ({reason}); ran batched forwards",
+            OcclusionFallbackWarning,
+            stacklevel=2,
+        )
+    shape = (n_img, grid.rows, grid.cols)
+    logits_d = logits_all.double()
+    tgt = torch.as_tensor(targets)
+    prob = logits_d.softmax(2).gather(2, tgt.view(-1, 1, 1).expand(n_img, positions, 1))[..., 0]
+    logit_t = logits_d.gather(2, tgt.view(-1, 1, 1).expand(n_img, positions, 1))[..., 0]
+    idx = torch.arange(n_img)
+    act_c = act0[idx, torch.as_tensor(channels)].double().sum((1, 2)).cpu()
+    methods_run = sorted(set(per_image))
+    path = {
+        "method": methods_run[0] if len(methods_run) == 1 else "mixed",
+        "requested": method,
+        "per_image": per_image,
+        "fallback_reason": reason,
+        "full_above": full_above,
+        "batch_size": batches[0] if len(set(batches)) == 1 else batches,
+        "opaque_modules": list(engine.opaque) if engine is not None else [],
+        "batched_layout": layout[0] if layout else None,
+        "threads": {m: tuners[m].to_dict() for m in sorted(set(per_image))},
+        "folded_batchnorms": engine._plan.folded if engine and engine._plan else 0,
+        "layers": layers_report,
+    }
+    return OcclusionMaps(
+        grid=grid,
+        fill=tuple(float(v) for v in fill_t.flatten().tolist()),
+        layer=layer_name,
+        layer_module=ref.key,
+        targets=np.asarray(targets, dtype=np.int64),
+        target_source=target_source,
+        channels=np.asarray(channels, dtype=np.int64),
+        channel_source=channel_source,
+        prob_target=prob.reshape(shape).float().numpy(),
+        logit_target=logit_t.reshape(shape).float().numpy(),
+        top_class=logits_all.argmax(2).reshape(shape).numpy().astype(np.int64),
+        feature_activity=feature_all.reshape(shape).numpy(),
+        prob_orig=probs0[idx, tgt.to(probs0.device)].cpu().float().numpy(),
+        logit_orig=logits0[idx, tgt.to(logits0.device)].cpu().float().numpy(),
+        top1_orig=logits0.argmax(1).cpu().numpy().astype(np.int64),
+        feature_orig=act_c.numpy(),
+        num_classes=int(num_classes),
+        path=path,
+        logits=logits_all.reshape(*shape, num_classes).numpy() if return_logits else None,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _incremental_batch(plan, cache, positions: int) -> int:
+    """Positions per batch on the incremental path: as many as keep its largest tensor (a
+    patch, a gathered window or a full map) within :data:`TENSOR_BYTES`. Larger tensors are
+    mapped and unmapped by the allocator at every batch, which costs more than it saves."""
+    worst = 1
+    for n, (action, extra) in plan.actions.items():
+        v = cache.values.get(n)
+        if not isinstance(v, torch.Tensor) or v.dim() != 4:
+            continue
+        g = plan.geoms.get(n)
+        if g is not None:
+            worst = max(worst, v.shape[1] * g.h * g.w)
+        elif action in ("run", "run_folded"):
+            worst = max(worst, int(np.prod(v.shape[1:])))
+        if action == "local" and g is not None:
+            win = extra[0]
+            hw = (g.h - 1) * win.stride[0] + win.dilation[0] * (win.kernel[0] - 1) + 1
+            ww = (g.w - 1) * win.stride[1] + win.dilation[1] * (win.kernel[1] - 1) + 1
+            worst = max(worst, cache.values[n.args[0]].shape[1] * hw * ww)
+    return int(max(1, min(MAX_BATCH, positions, max(MIN_BATCH, TENSOR_BYTES // (4 * worst)))))
+
+
+def _default_layer(model: nn.Module, x1: torch.Tensor) -> str:
+    """The top convolutional layer (Fig. 7 reads layer 5 of the paper's model)."""
+    aliases = getattr(model, "convlens_aliases", {}) or {}
+    if any(a.startswith("conv") and a[4:].isdigit() for a in aliases):
+        return top_conv_layer(model)
+    return top_conv_layer(model, trace_model(model, x1))
+
+
+def _max_activation_numel(model: nn.Module, x1: torch.Tensor) -> int:
+    """Largest per-image output of any leaf module (to size batches)."""
+    sizes = [int(x1[0].numel())]
+
+    def hook(module, args, output):
+        if isinstance(output, torch.Tensor) and output.dim() > 0:
+            sizes.append(int(output[0].numel()))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        model(x1)
+    finally:
+        for h in handles:
+            h.remove()
+    return max(sizes)
+
+
+def _validate(engine: IncrementalOcclusion, cache, logits0, act0, layer_name: str) -> None:
+    """The traced graph must reproduce the eager model on the unoccluded image."""
+    out = cache.values[engine.output_node]
+    if not isinstance(out, torch.Tensor) or out.shape != logits0.shape:
+        raise UnsupportedModel("the traced graph's output differs in shape from the model's")
+    if not _close(out, logits0):
+        raise UnsupportedModel("the traced graph's logits differ from the eager model's")
+    feat = cache.values.get(engine.feature_node)
+    if not isinstance(feat, torch.Tensor) or feat.shape != act0.shape or not _close(feat, act0):
+        raise UnsupportedModel(
+            f"layer {layer_name!r}: no node of the traced graph reproduces its output"
+        )
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> bool:
+    scale = float(b.abs().max()) or 1.0
+    return float((a.float() - b.float()).abs().max()) <= tol * scale
+
+
+def _input_geom(grid: OcclusionGrid, device) -> Geom:
+    y0, x0 = grid.starts()
+    k = grid.window
+    oy = torch.as_tensor(np.minimum(y0, grid.height - k), device=device)
+    ox = torch.as_tensor(np.minimum(x0, grid.width - k), device=device)
+    return Geom(k, k, oy, ox, grid.height, grid.width)
+
+
+def _input_patches(
+    image: torch.Tensor, grid: OcclusionGrid, geom: Geom, sl: slice, fill: torch.Tensor
+) -> torch.Tensor:
+    """The painted input box of each position of ``sl``: ``[B, C, k, k]``."""
+    k = geom.h
+    oy, ox = geom.oy[sl], geom.ox[sl]
+    ar = torch.arange(k, device=image.device)
+    ys = oy[:, None] + ar
+    xs = ox[:, None] + ar
+    crop = image[:, ys[:, :, None], xs[:, None, :]].permute(1, 0, 2, 3)  # [B, C, k, k]
+    boxes = torch.as_tensor(grid.boxes()[sl], device=image.device)
+    in_y = (ys >= boxes[:, 1:2]) & (ys < boxes[:, 3:4])
+    in_x = (xs >= boxes[:, 0:1]) & (xs < boxes[:, 2:3])
+    mask = (in_y[:, :, None] & in_x[:, None, :]).unsqueeze(1)
+    return torch.where(mask, fill, crop)
+
+
+def _sweep_incremental(
+    engine,
+    cache,
+    image,
+    grid,
+    fill,
+    channel,
+    batch_size,
+    logits_out,
+    feature_out,
+    advance,
+    layers_report,
+    tuner: _ThreadTuner,
+) -> int:
+    geom = _input_geom(grid, image.device)
+    plan = engine.plan(cache, geom)
+    if not layers_report:
+        layers_report.extend(r.to_dict() for r in plan.report)
+    positions = len(grid)
+    if batch_size is None:
+        batch_size = _incremental_batch(plan, cache, positions)
+    for start in range(0, positions, batch_size):
+        sl = slice(start, min(positions, start + batch_size))
+        with tuner.batch(sl.stop - sl.start):
+            patch = _input_patches(image, grid, geom, sl, fill)
+            logits, feat = engine.run(cache, plan, patch, sl, channel)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            raise ConvlensError("occlusion: the model's output is not a [N, classes] tensor")
+        logits_out[sl] = logits.float().cpu()
+        feature_out[sl] = feat.cpu()
+        advance(sl.stop - sl.start)
+    return batch_size
+
+
+def _sweep_batched(
+    model,
+    image,
+    grid,
+    fill,
+    layer_name,
+    functional,
+    channel,
+    batch_size,
+    logits_out,
+    feature_out,
+    advance,
+    layout: list[str],
+    tuner: _ThreadTuner,
+) -> None:
+    """Painted copies through the model, ``batch_size`` at a time, in channels-last memory
+    (faster convolutions on CPU) unless the model rejects it (``x.view`` on a feature map), then
+    contiguous. ``layout`` receives the one used."""
+    positions = len(grid)
+    channels_last = not layout or layout[0] == "channels_last"
+    with record(model, [layer_name], switches=False, trace=False, functional=functional) as rec:
+        for start in range(0, positions, batch_size):
+            sl = slice(start, min(positions, start + batch_size))
+            with tuner.batch(sl.stop - sl.start):
+                batch = paint(image, grid, np.arange(sl.start, sl.stop), fill)
+                if channels_last:
+                    try:
+                        logits = model(batch.contiguous(memory_format=torch.channels_last))
+                    except RuntimeError:
+                        channels_last = False  # same values either way: only the layout changes
+                if not channels_last:
+                    logits = model(batch)
+            logits_out[sl] = logits.float().cpu()
+            feature_out[sl] = rec[layer_name][:, channel].double().sum((1, 2)).cpu()
+            advance(sl.stop - sl.start)
+    layout[:] = ["channels_last" if channels_last else "contiguous"]

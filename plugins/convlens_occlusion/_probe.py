@@ -1,0 +1,363 @@
+"""``convlens probe occlusion``: occlusion sensitivity, Zeiler & Fergus 2014, Section 4.2, Fig. 7.
+
+A grey square slides over each image; at every position the probe records the probability of the
+correct class (Fig. 7 (d)), the most probable class ((e)) and the total activity of the strongest
+feature map of the top convolutional layer ((b)), renders Fig. 7's panels (with (c), the deconv
+projection of that map, when the deconv probe is installed) and writes ``occlusion.json`` and
+``occlusion.npz`` (schema in ``docs/probes/occlusion.md``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import convlens
+from convlens.errors import ConvlensError
+from convlens.io import save_npz, write_json
+from convlens.probe import ProbeContext, ProbeResult, ReportSection
+from convlens.render import save_png
+from convlens.render.report import esc
+
+from ._compute import METHODS, OcclusionMaps, occlusion_maps
+from ._grid import OcclusionGrid, default_window
+from ._render import figure, short_name
+
+__all__ = ["OcclusionProbe", "auto_stride", "parse_fill", "class_names", "POSITION_BUDGET"]
+
+#: The default stride is the finest of 8, 16 or 32 px (at 224) that keeps images × positions
+#: within this many forward-equivalents (two images at Fig. 7's 32 px / 8 px sweep).
+POSITION_BUDGET = 1250
+
+
+def auto_stride(n_images: int, height: int, width: int, window: int) -> int:
+    """The default stride: Fig. 7's 8 px (at 224) when the sweep stays within
+    :data:`POSITION_BUDGET` positions over all images, else 16 px, else 32 px (never more than the
+    window, so that every pixel is covered)."""
+    side = min(height, width)
+    stride = default_window(side, 32)
+    for ref in (8, 16, 32):
+        stride = min(default_window(side, ref), window)
+        if n_images * len(OcclusionGrid(height, width, window, stride)) <= POSITION_BUDGET:
+            break
+    return stride
+
+
+def parse_fill(text: str | None, mean: tuple[float, float, float]) -> tuple[tuple[float, ...], str]:
+    """``--fill``: ``mean`` (the dataset mean pixel, default), ``grey`` (0.5), one number or three
+    comma-separated numbers in [0, 1] RGB. Returns the RGB colour and how it was given."""
+    spec = (text or "mean").strip().lower()
+    if spec == "mean":
+        return tuple(float(v) for v in mean), "dataset mean pixel"
+    if spec in ("grey", "gray"):
+        return (0.5, 0.5, 0.5), "grey (0.5)"
+    try:
+        values = tuple(float(v) for v in spec.split(","))
+    except ValueError:
+        raise ConvlensError(
+            f"option --fill {text!r}: expected mean, grey, a number or R,G,B in [0, 1]"
+        ) from None
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or not all(0.0 <= v <= 1.0 for v in values):
+        raise ConvlensError(f"option --fill {text!r}: expected one or three numbers in [0, 1]")
+    return values, "given"
+
+
+def class_names(model: torch.nn.Module, num_classes: int) -> list[str]:
+    """The model's class names (``convlens_info.class_names``); ImageNet's (timm's
+    ``ImageNetInfo``) for a 1000-way model without its own; else ``class k``."""
+    info = getattr(model, "convlens_info", None)
+    names = list(getattr(info, "class_names", None) or [])
+    if len(names) == num_classes:
+        return [str(n) for n in names]
+    if num_classes == 1000:
+        from convlens.models import imagenet_class_names
+
+        return list(imagenet_class_names())
+    return [f"class {k}" for k in range(num_classes)]
+
+
+class OcclusionProbe(convlens.Probe):
+    """Occlusion sensitivity maps (Fig. 7): class probability, label and feature activity as
+    functions of where a grey square covers the image."""
+
+    name = "occlusion"
+    summary = "Occlusion sensitivity: class probability, label and feature map activity per square"
+    paper = "Section 4.2, Fig. 7"
+    options = (
+        convlens.Option("window", int, None, "Square side in input pixels (default 32 at 224)."),
+        convlens.Option(
+            "stride", int, None,
+            "Step in input pixels (default 8 at 224, or 16/32 when images x positions would "
+            f"exceed {POSITION_BUDGET}).",
+        ),
+        convlens.Option("fill", str, "mean",
+                        "Square colour: mean (dataset mean pixel), grey, v or R,G,B in [0, 1]."),
+        convlens.Option("target", int, None, "Class whose probability is mapped (default: each "
+                        "image's unoccluded top-1)."),
+        convlens.Option("layer", str, None, "Layer of panel (b) (default: the top conv layer)."),
+        convlens.Option("channel", int, None, "Feature map of panel (b) (default: the strongest "
+                        "in each unoccluded image)."),
+        convlens.Option("method", str, "auto", "auto: incremental where supported, else batched.",
+                        choices=METHODS),
+        convlens.Option("batch_size", int, None, "Positions per forward (default: by memory)."),
+        convlens.Option("threads", int, None, "Intra-op threads during the sweep (default: "
+                        "torch's or one, whichever runs the first batches faster)."),
+        convlens.Option("full_above", float, 0.7, "Incremental path: run a layer in full once "
+                        "the changed region exceeds this fraction of its map."),
+    )  # fmt: skip
+
+    # -- run ------------------------------------------------------------------------------------
+
+    def run(self, ctx: ProbeContext) -> ProbeResult:
+        opts = ctx.options
+        x, paths = ctx.inputs()
+        pre = ctx.preprocess
+        height, width = int(x.shape[-2]), int(x.shape[-1])
+        window = opts["window"] or default_window(min(height, width))
+        stride = opts["stride"] or auto_stride(len(paths), height, width, window)
+        grid = OcclusionGrid(height, width, int(window), int(stride))
+        fill_rgb, fill_how = parse_fill(opts["fill"], pre.mean)
+        fill_model = pre.to_model_space(fill_rgb)
+        with ctx.progress("occlusion", len(paths) * len(grid)) as advance:
+            res = occlusion_maps(
+                ctx.model, x.to(ctx.device), window=grid.window, stride=grid.stride,
+                fill=fill_model, target=opts["target"], layer=opts["layer"],
+                channel=opts["channel"], method=opts["method"], batch_size=opts["batch_size"],
+                full_above=opts["full_above"], threads=opts["threads"], progress=advance,
+            )  # fmt: skip
+        names = class_names(ctx.model, res.num_classes)
+        files = self._write(ctx, res, x, paths, names, fill_rgb, fill_how)
+        summary = self._summary(res, paths, names, fill_rgb, fill_how)
+        data = {
+            "maps": res,
+            "inputs": x.cpu(),
+            "paths": paths,
+            "names": names,
+            "fill_rgb": fill_rgb,
+        }
+        return ProbeResult(self.name, summary=summary, files=files, data=data)
+
+    def _write(self, ctx, res: OcclusionMaps, x, paths, names, fill_rgb, fill_how) -> list[Path]:
+        out = ctx.out_dir
+        npz = save_npz(
+            out / "occlusion.npz",
+            prob_target=res.prob_target,
+            feature_activity=res.feature_activity,
+            top_class=res.top_class,
+            inputs=x.detach().cpu().float().numpy(),
+            logit_target=res.logit_target,
+            boxes=res.grid.boxes(),
+            targets=res.targets,
+            channels=res.channels,
+            prob_orig=res.prob_orig,
+            logit_orig=res.logit_orig,
+            feature_orig=res.feature_orig,
+            fill_model_space=np.asarray(res.fill, dtype=np.float32),
+        )
+        per_image = []
+        for i, p in enumerate(paths):
+            drop = _worst(res, i)
+            per_image.append({
+                "image": str(p),
+                "target": int(res.targets[i]),
+                "target_name": names[int(res.targets[i])],
+                "prob_orig": float(res.prob_orig[i]),
+                "logit_orig": float(res.logit_orig[i]),
+                "top1_orig": int(res.top1_orig[i]),
+                "top1_orig_name": names[int(res.top1_orig[i])],
+                "channel": int(res.channels[i]),
+                "feature_orig": float(res.feature_orig[i]),
+                "min_prob": drop["min_prob"],
+                "min_prob_at": drop["at"],
+                "min_prob_box": drop["box"],
+                "feature_min": float(res.feature_activity[i].min()),
+                "feature_min_at": list(np.unravel_index(int(res.feature_activity[i].argmin()),
+                                                        res.grid.shape)),
+                "labels": sorted({int(c) for c in np.unique(res.top_class[i])}),
+            })  # fmt: skip
+        used = sorted({int(c) for c in np.unique(res.top_class)} | set(res.targets.tolist()))
+        js = write_json(
+            out / "occlusion.json",
+            {
+                "probe": self.name,
+                "paper": self.paper,
+                "model": ctx.model_name,
+                "seed": ctx.seed,
+                "images": [str(p) for p in paths],
+                "input_size": [res.grid.height, res.grid.width],
+                "grid": res.grid.to_dict(),
+                "fill": {
+                    "given": ctx.options["fill"],
+                    "meaning": fill_how,
+                    "rgb01": list(fill_rgb),
+                    "model_space": list(res.fill),
+                },
+                "target": {"given": ctx.options["target"], "source": res.target_source},
+                "layer": res.layer,
+                "layer_module": res.layer_module,
+                "channel": {"given": ctx.options["channel"], "source": res.channel_source},
+                "per_image": per_image,
+                "class_names": {str(c): names[c] for c in used},
+                "path": res.path,
+                "seconds": round(res.seconds, 3),
+                "arrays": {
+                    "file": "occlusion.npz",
+                    "prob_target": "float32 [N, rows, cols]: p(target) with the square there",
+                    "feature_activity": "float64 [N, rows, cols]: spatial sum of the channel",
+                    "top_class": "int64 [N, rows, cols]: most probable class",
+                    "inputs": "float32 [N, 3, H, W]: the preprocessed model inputs",
+                },
+            },
+        )
+        return [js, npz]
+
+    def _summary(self, res: OcclusionMaps, paths, names, fill_rgb, fill_how) -> dict[str, Any]:
+        g = res.grid
+        out: dict[str, Any] = {
+            "images": len(paths),
+            "grid": f"{g.rows}x{g.cols} positions, square {g.window} px, stride {g.stride} px "
+            f"(input {g.height}x{g.width})",
+            "fill": f"{fill_how} rgb {tuple(round(v, 3) for v in fill_rgb)} -> model "
+            f"{tuple(round(v, 3) for v in res.fill)}",
+            "layer": f"{res.layer} ({res.channel_source} channel)",
+            "path": describe_path(res.path),
+            "threads": ", ".join(f"{k} {v['threads']}" for k, v in res.path["threads"].items()),
+            "seconds": round(res.seconds, 2),
+        }
+        for i, p in enumerate(paths):
+            drop = _worst(res, i)
+            t = int(res.targets[i])
+            out[Path(p).name] = (
+                f"{short_name(names[t])} ({t}) p={res.prob_orig[i]:.3g} -> min "
+                f"{drop['min_prob']:.3g} at box {drop['box']}"
+            )
+        return out
+
+    # -- render ---------------------------------------------------------------------------------
+
+    def render(self, result: ProbeResult, ctx: ProbeContext) -> ReportSection | None:
+        d = result.data
+        res: OcclusionMaps = d["maps"]
+        x, paths, names = d["inputs"], d["paths"], d["names"]
+        pre = ctx.preprocess
+        figures, rows = [], []
+        projections, note = _deconv_projections(ctx, x, res)
+        for i, p in enumerate(paths):
+            image = pre.denormalize(x[i]).permute(1, 2, 0).numpy()
+            proj = None if projections is None else projections[i]
+            arr = figure(
+                image, res.grid, res.prob_target[i], res.feature_activity[i], res.top_class[i],
+                names, int(res.targets[i]), res.layer, int(res.channels[i]), d["fill_rgb"],
+                proj, Path(p).name,
+            )  # fmt: skip
+            fname = f"occlusion_{i:02d}_{Path(p).stem}.png"
+            save_png(arr, ctx.out_dir / fname)
+            figures.append(f"{self.name}/{fname}")
+            drop = _worst(res, i)
+            t = int(res.targets[i])
+            rows.append(
+                f"<tr><td>{esc(Path(p).name)}</td><td>{esc(short_name(names[t]))} ({t})</td>"
+                f"<td>{res.prob_orig[i]:.3f}</td><td>{drop['min_prob']:.3f}</td>"
+                f"<td>{esc(drop['box'])}</td><td>{len(np.unique(res.top_class[i]))}</td></tr>"
+            )
+        g = res.grid
+        html = (
+            "<p>A square of the dataset-mean colour slides over each image "
+            f"({g.window} px, stride {g.stride} px, {g.rows}&times;{g.cols} positions). "
+            "Panels: (a) the image with the square where the correct class suffers most; "
+            f"(b) total activity of one feature map of <code>{esc(res.layer)}</code> (the "
+            "strongest in the unoccluded image) as a function of the square's position; "
+            + (
+                "(c) that map projected to pixels by the deconv probe; "
+                if projections is not None
+                else ""
+            )
+            + "(d) probability of the correct class; (e) the most probable class, with its "
+            "legend. Zeiler &amp; Fergus 2014, Section 4.2, Fig. 7.</p>"
+            + (f'<p class="meta">Panel (c) omitted: {esc(note)}</p>' if note else "")
+            + f"<p>Computed by <b>{esc(describe_path(res.path))}</b> in {res.seconds:.1f} s.</p>"
+            "<table><tr><th>image</th><th>class</th><th>p unoccluded</th><th>min p</th>"
+            "<th>square of min p (x0, y0, x1, y1)</th><th>labels in (e)</th></tr>"
+            + "".join(rows)
+            + "</table>"
+            + "".join(f'<figure><img src="{esc(f)}" alt="occlusion"></figure>' for f in figures)
+        )
+        return ReportSection("Occlusion sensitivity (Fig. 7)", html, figures, order=40)
+
+    def describe(self, result: ProbeResult) -> list[tuple[str, str]]:
+        return [(k, str(v)) for k, v in result.summary.items()]
+
+
+def _worst(res: OcclusionMaps, i: int) -> dict[str, Any]:
+    p = int(np.argmin(res.prob_target[i]))
+    r, c = divmod(p, res.grid.cols)
+    return {
+        "min_prob": float(res.prob_target[i].reshape(-1)[p]),
+        "at": [r, c],
+        "box": [int(v) for v in res.grid.boxes()[p]],
+    }
+
+
+def describe_path(path: dict[str, Any]) -> str:
+    """One line: which computation ran (and why, for a fallback)."""
+    layers = path.get("layers") or []
+    patch = [r["node"] for r in layers if r["mode"] == "patch"]
+    if path.get("method") == "incremental":
+        span = f" ({patch[0]} … {patch[-1]})" if patch else ""
+        return (
+            f"incremental inference: {len(patch)} of {len(layers)} layers on patches{span}, "
+            "the rest in full"
+        )
+    if path.get("method") == "batched":
+        why = path.get("fallback_reason")
+        return "batched forwards" + (f" (incremental not supported: {why})" if why else "")
+    return f"mixed per image: {', '.join(path.get('per_image', []))}"
+
+
+def _deconv_projections(ctx: ProbeContext, x: torch.Tensor, res: OcclusionMaps):
+    """Panel (c): the deconv probe's projection of each image's map (at its strongest unit), or
+    (None, why not). One batched call of the deconv plugin's ``project`` with one seed per image
+    where it offers that API, else ``project_strongest`` image by image."""
+    if ctx.probes is None or "deconv" not in ctx.probes:
+        return None, "the deconv probe is not installed"
+    try:
+        import convlens_deconv as deconv
+    except ImportError as exc:
+        return None, f"the deconv probe cannot be imported ({exc})"
+    if not hasattr(deconv, "project_strongest"):
+        return None, "the deconv probe offers no project_strongest"
+    from convlens.render import contrast_stretch
+
+    xs = x.to(ctx.device)
+    try:
+        with ctx.progress("occlusion: deconv panel (c)", x.shape[0]) as advance:
+            if all(hasattr(deconv, a) for a in ("project", "Seed", "layer_activation")):
+                act = deconv.layer_activation(ctx.model, xs, res.layer)
+                seeds = []
+                for i, c in enumerate(res.channels.tolist()):
+                    y, x0 = divmod(int(act[i, c].reshape(-1).argmax()), act.shape[-1])
+                    seeds.append(deconv.Seed(i, int(c), y, x0))
+                proj = deconv.project(ctx.model, xs, res.layer, seeds, progress=advance)
+                projections = proj.projections
+            else:
+                projections = torch.cat([
+                    deconv.project_strongest(ctx.model, xs[i : i + 1], res.layer,
+                                             int(res.channels[i]))
+                    for i in range(x.shape[0])
+                ])  # fmt: skip
+                advance(x.shape[0])
+    except Exception as exc:  # noqa: BLE001 - another plugin's failure must not sink this one
+        msg = f"deconv projection failed: {type(exc).__name__}: {exc}"
+        warnings.warn(f"occlusion: panel (c) omitted, {msg}", stacklevel=2)
+        return None, msg
+    out = []
+    for i in range(x.shape[0]):
+        arr = projections[i].detach().cpu().float().permute(1, 2, 0).numpy()
+        out.append(contrast_stretch(arr, percentile=0.5))
+    return out, None

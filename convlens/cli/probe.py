@@ -81,8 +81,6 @@ def make_probe_command(probe_cls: type) -> Any:
         from convlens.runner import run_probe
 
         base = {k: kwargs.pop(k) for k in list(kwargs) if k in common}
-        if not probe_cls.needs_images:
-            base.pop("images", None)
         result = run_probe(probe_cls.name, progress_factory=progress_bar, **base, **kwargs)
         table = Table(title=f"probe {probe_cls.name}", show_header=False)
         table.add_column("key")
@@ -94,7 +92,10 @@ def make_probe_command(probe_cls: type) -> Any:
         out.print(f"report:  {Path(base['out']) / 'index.html'}")
 
     command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        _common_params() + [_option_param(o) for o in probe_cls.options]
+        # a probe that reads no images (e.g. linear: labelled sets via --data) has no --images:
+        # typer then rejects it as an unknown option instead of silently ignoring it
+        [p for p in _common_params() if probe_cls.needs_images or p.name != "images"]
+        + [_option_param(o) for o in probe_cls.options]
     )
     command.__name__ = f"probe_{probe_cls.name}"
     return command

@@ -133,3 +133,13 @@ def test_errors_name_the_option_at_fault(tmp_path, options, message):
     with pytest.raises(ConvlensError, match=message):
         run_probe("linear", tiny(), out=tmp_path / "out", host=host(), overview=False,
                   data=data, **{"train_per_class": "2", "folds": 1, **options})
+
+
+def test_images_option_is_rejected_not_ignored(tmp_path):
+    """linear reads labelled sets (--data); --images would be silently dropped otherwise."""
+    res = run_cli(["probe", "linear", "--images", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert res.returncode == 2
+    assert "--images" in res.stderr
+    assert not (tmp_path / "o").exists()
+    helped = run_cli(["probe", "linear", "--help"])
+    assert "--data" in helped.stdout and "--images" not in helped.stdout

@@ -150,37 +150,17 @@ def train_and_evaluate(
     pin = cfg.pin_memory and device.type == "cuda"
     local_b = max(1, cfg.batch_size // dist.world_size)
     t0 = time.perf_counter()
-    probs, labels = predict(
-        model,
-        bundle,
-        bundle.val,
-        range(len(bundle.val)),
-        prep,
-        cfg.eval_crops,
-        local_b,
-        dist,
-        speed.amp_dtype,
-        workers,
-        pin,
-    )
+    def ten_crop(split, indices):
+        return predict(model, bundle, split, indices, prep, cfg.eval_crops, local_b, dist,
+                       speed.amp_dtype, workers, pin)  # fmt: skip
+
+    probs, labels = ten_crop(bundle.val, range(len(bundle.val)))
     val = topk_errors(probs, labels) | {"crops": cfg.eval_crops}
     n_tr = min(cfg.train_eval_images, len(bundle.train))
     g = torch.Generator().manual_seed(cfg.seed + 17)
     tr_idx = torch.randperm(len(bundle.train), generator=g)[:n_tr].sort().values.tolist()
     if tr_idx:
-        tp, tl = predict(
-            model,
-            bundle,
-            bundle.train,
-            tr_idx,
-            prep,
-            cfg.eval_crops,
-            local_b,
-            dist,
-            speed.amp_dtype,
-            workers,
-            pin,
-        )
+        tp, tl = ten_crop(bundle.train, tr_idx)
         train = topk_errors(tp, tl) | {"crops": cfg.eval_crops}
     else:
         train = {"n": 0, "top1_err": None, "top5_err": None}

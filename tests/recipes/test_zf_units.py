@@ -33,16 +33,6 @@ from torch import nn
 
 from convlens.errors import ConvlensError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: one intra-op thread is faster, and immune to a busy machine's scheduling
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------------------------
 # Section 3's feature scale clipping
 # --------------------------------------------------------------------------------------------

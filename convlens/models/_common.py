@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
+from convlens.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from convlens.errors import ConvlensError
 
 __all__ = [
@@ -27,8 +28,6 @@ __all__ = [
     "warn_random_weights",
 ]
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 #: ``x * 2 - 1``: the normalisation of TensorFlow(-Lite) ports such as EfficientNet-Lite.
 HALF_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
 HALF_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)

@@ -372,20 +372,10 @@ def _default_layer(model: nn.Module, x1: torch.Tensor) -> str:
 
 
 def _max_activation_numel(model: nn.Module, x1: torch.Tensor) -> int:
-    """Largest per-image output of any leaf module (to size batches)."""
-    sizes = [int(x1[0].numel())]
-
-    def hook(module, args, output):
-        if isinstance(output, torch.Tensor) and output.dim() > 0:
-            sizes.append(int(output[0].numel()))
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-    try:
-        model(x1)
-    finally:
-        for h in handles:
-            h.remove()
-    return max(sizes)
+    """Largest per-image tensor the input or any traced layer call produces (to size batches),
+    from the engine's trace of one forward pass."""
+    shapes = [tuple(x1.shape)] + [c.output_shape for c in trace_model(model, x1).trace]
+    return max(int(np.prod(s[1:])) for s in shapes if s)
 
 
 def _validate(engine: IncrementalOcclusion, cache, logits0, act0, layer_name: str) -> None:

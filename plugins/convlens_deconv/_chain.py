@@ -5,7 +5,9 @@ layers each feeding the next. Projecting a chosen activation walks that list bac
 chosen layer (Zeiler & Fergus, Section 2.1 and Fig. 1):
 
 * the chosen activation is kept, every other activation of the layer set to zero;
-* **rectify** (ReLU and its family): ``relu`` of the signal;
+* **rectify** (ReLU and its family): ``relu`` of the signal (rule ``deconvnet``); the ``guided``
+  and ``gradient`` rules (:mod:`convlens_deconv._general`) also need the rectifier's forward
+  input, a window of which is read from the recording;
 * **unpool** (max pooling): each value goes to the input position its pooling window's switch
   recorded; where overlapping windows (3×3, stride 2) chose the same position the values are
   *added* (a scatter-add; ``F.max_unpool2d`` would overwrite and lose signal);
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from convlens.engine import LayerCall, PoolSwitch, Recording
-from convlens_deconv._general import RECTIFIERS
+from convlens_deconv._general import RECTIFIERS, local_slope
 
 __all__ = ["ChainPlan", "ChainStep", "build_chain_plan", "reverse_chain", "unpool"]
 
@@ -70,6 +72,12 @@ class ChainStep:
     module: nn.Module | None = None
     input_name: str | None = None  # the layer whose output is this step's input (LRN vjp)
     pool: tuple = ()  # unpool: (kernel, stride, dilation) from the recorded switches
+
+    def op(self):
+        """The rectifier's forward as a function of its input (guided / gradient rules)."""
+        if self.module is not None:
+            return self.module
+        return F.relu if self.call.type == "relu" else F.relu6
 
 
 @dataclass
@@ -114,6 +122,11 @@ class ChainPlan:
     def lrn_inputs(self) -> list[str]:
         """Layers whose outputs the captum mode needs (the inputs of LRN steps)."""
         return [s.input_name for s in self.steps if s.kind == "lrn" and s.input_name]
+
+    @property
+    def rectifier_inputs(self) -> list[str]:
+        """Layers whose outputs the guided and gradient rules need (the rectifiers' inputs)."""
+        return [s.input_name for s in self.steps if s.kind == "rectify" and s.input_name]
 
 
 class NotAChain(Exception):
@@ -177,7 +190,7 @@ def _target_leaf(rec: Recording, target: LayerCall) -> LayerCall:
 
 
 def build_chain_plan(
-    model: nn.Module, rec: Recording, layer: str, mode: str = "paper"
+    model: nn.Module, rec: Recording, layer: str, mode: str = "paper", rule: str = "deconvnet"
 ) -> ChainPlan:
     """The chain plan for ``layer`` from a recorded trace; raises :class:`NotAChain` (with the
     reason) when the layers up to ``layer`` are not a chain of supported layers."""
@@ -202,6 +215,11 @@ def build_chain_plan(
             raise NotAChain(f"{call.name}: cannot replay {call.type}")
         if kind == "linear" and len(prev_shape) != 2:
             raise NotAChain(f"{call.name}: Linear on a {len(prev_shape)}-d input")
+        if kind == "rectify" and rule != "deconvnet":
+            if prev_name is None:
+                raise NotAChain(f"{call.name}: a rectifier on the model input")
+            if module is None and call.type not in ("relu", "relu6"):
+                raise NotAChain(f"{call.name}: functional {call.type} under the {rule} rule")
         pool = ()
         if kind == "unpool":
             sw = rec.switches[call.name]
@@ -386,6 +404,7 @@ def reverse_chain(
     values: torch.Tensor,
     mode: str = "paper",
     cache: dict | None = None,
+    rule: str = "deconvnet",
 ) -> torch.Tensor:
     """Project seeds down the chain: seed ``s`` is ``values[s]`` at (``rows[s]`` — the batch row
     of the recorded pass —, ``channels[s]``, ``ys[s]``, ``xs[s]``) of the plan's target layer.
@@ -413,7 +432,16 @@ def reverse_chain(
         in_shape = tuple(call.input_shape)
         kind = step.kind
         if kind == "rectify":
-            g = g.clamp_(min=0)
+            if rule == "deconvnet":
+                g = g.clamp_(min=0)
+            else:  # the forward op's slope on this window of its recorded input
+                x_in = rec.activations[step.input_name]
+                if g.dim() == 4:
+                    x_in = gather_window(x_in.to(g.dtype), rows, oy, ox, *g.shape[-2:])
+                else:
+                    x_in = x_in[rows].to(g.dtype)
+                slope = local_slope(step.op(), x_in)
+                g = g * slope if rule == "gradient" else g.clamp_(min=0) * slope.clamp_(min=0)
         elif kind == "identity":
             pass
         elif kind == "unpool":
@@ -425,7 +453,7 @@ def reverse_chain(
             oy, ox = oy * m.stride[0] - ph, ox * m.stride[1] - pw
             g = zero_outside(g, oy, ox, *in_shape[-2:])  # what fell on the padding
         elif kind == "lrn":
-            if mode == "captum":
+            if mode == "captum" or rule == "gradient":
                 g = _lrn_vjp(step, rec, rows, g, oy, ox)
         elif kind == "bn":
             m = step.module

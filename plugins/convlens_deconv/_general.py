@@ -1,4 +1,25 @@
-"""The deconvnet of Section 2.1 as a *modified backward pass*, for any convnet.
+"""The deconvnet of Section 2.1 as a *modified backward pass*, for any convnet, and the two
+backward rules people compare it with.
+
+**Backward rules** (``rule``; they differ only at rectifier-family ops, see :data:`RULES`):
+
+* ``deconvnet`` (Zeiler & Fergus, Section 2.1): the rectifier's backward *rectifies the signal*,
+  ``relu(grad_out)``, whatever the forward input was. Below a layer with no max pooling under it
+  this sees nothing of the image (Mahendran & Vedaldi, "Salient deconvolutional networks", ECCV
+  2016): every image gives the same projection of a unit.
+* ``guided`` (Springenberg et al., "Striving for simplicity", 2015, guided backpropagation):
+  rectify the signal *and* gate it by the forward op's local slope, clipped at zero:
+  ``relu(grad_out) * max(f'(x), 0)``. For ``relu`` that is the mask ``x > 0``; for ``relu6`` /
+  ``hardtanh(min, max)`` the mask ``min < x < max`` (zero where the op saturated); ``leaky_relu``
+  / ``prelu`` / ``rrelu`` (eval) keep their negative slope (``1`` for ``x > 0``, the slope for
+  ``x < 0``); ``elu``/``selu``/``celu`` their positive derivative; smooth ones (``silu``,
+  ``gelu``, ``mish``, ``softplus``, ``hardswish``) their derivative where it is positive (zero
+  where it is negative, e.g. SiLU below x ≈ −1.28). On nets of ``nn.ReLU`` this is exactly
+  Captum's ``GuidedBackprop``.
+* ``gradient``: plain autograd (the rectifier keeps its own backward; contrast normalisation is
+  back-propagated: the ``mode`` is ``captum``).
+
+The rest of this docstring describes what all three rules share.
 
 Zeiler & Fergus (Section 2.1, Fig. 1) walk a chain network backwards: unpool with the switches,
 rectify, filter with the transposed filters. On a graph that is not a chain (residual additions,
@@ -38,7 +59,7 @@ from torch.overrides import TorchFunctionMode
 
 from convlens.engine.capture import function_name
 
-__all__ = ["DeconvMode", "RECTIFIERS", "MODES"]
+__all__ = ["DeconvMode", "RECTIFIERS", "MODES", "RULES", "local_slope"]
 
 #: Normalised op names whose backward becomes ``relu(grad_out)``.
 RECTIFIERS = frozenset(
@@ -48,6 +69,18 @@ RECTIFIERS = frozenset(
 _FROZEN_NORMS = frozenset({"layer_norm", "group_norm", "instance_norm"})
 #: ``paper``: skip contrast normalisation (Section 2.1); ``captum``: back-propagate through it.
 MODES = ("paper", "captum")
+#: The backward rules at rectifier-family ops (module docstring).
+RULES = ("deconvnet", "guided", "gradient")
+
+
+def local_slope(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``f'(x)`` of an element-wise op ``fn`` (its own autograd backward at ``x``; ``fn`` may run
+    in place: it gets a copy). Used by the ``guided`` rule."""
+    with torch.enable_grad():
+        t = x.detach().clone().requires_grad_(True)
+        y = fn(t * 1.0)  # a non-leaf copy: in-place ops are allowed on it
+        (g,) = torch.autograd.grad(y, t, torch.ones_like(y))
+    return g.detach()
 
 
 class _Rectify(torch.autograd.Function):
@@ -64,6 +97,26 @@ class _Rectify(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad.clamp(min=0), None
+
+
+class _Guided(torch.autograd.Function):
+    """Forward: the original op (in place if it was). Backward: ``relu(grad_out) * max(f'(x), 0)``
+    with ``f'`` the op's slope at the forward input (taken before an in-place op overwrote it)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]):
+        gate = local_slope(fn, x).clamp_(min=0)
+        ctx.save_for_backward(gate)
+        out = fn(x)
+        if out.data_ptr() == x.data_ptr() and out.shape == x.shape:
+            ctx.mark_dirty(x)
+            return x
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (gate,) = ctx.saved_tensors
+        return grad.clamp(min=0) * gate.to(grad.dtype), None
 
 
 class _PassThrough(torch.autograd.Function):
@@ -157,13 +210,16 @@ class DeconvMode(TorchFunctionMode):
     (see the module docstring). ``seen`` counts the ops it modified, by name — a probe records
     them (e.g. ``{"hardtanh": 33}`` for efficientnet_lite0's ReLU6)."""
 
-    def __init__(self, mode: str = "paper") -> None:
+    def __init__(self, mode: str = "paper", rule: str = "deconvnet") -> None:
         super().__init__()
-        if mode not in MODES:
-            from convlens.errors import ConvlensError
+        from convlens.errors import ConvlensError
 
+        if mode not in MODES:
             raise ConvlensError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
-        self.mode = mode
+        if rule not in RULES:
+            raise ConvlensError(f"rule {rule!r}: expected one of {', '.join(RULES)}")
+        self.rule = rule
+        self.mode = "captum" if rule == "gradient" else mode
         self.seen: dict[str, int] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
@@ -176,7 +232,10 @@ class DeconvMode(TorchFunctionMode):
         kw = {k: v for k, v in kwargs.items() if k != "input"}
         if name in RECTIFIERS:
             self.seen[name] = self.seen.get(name, 0) + 1
-            return _Rectify.apply(x, lambda t: func(t, *rest, **kw))
+            if self.rule == "gradient":
+                return func(*args, **kwargs)
+            rule_fn = _Guided if self.rule == "guided" else _Rectify
+            return rule_fn.apply(x, lambda t: func(t, *rest, **kw))
         if name == "local_response_norm" and self.mode == "paper":
             self.seen[name] = self.seen.get(name, 0) + 1
             return _PassThrough.apply(x, lambda t: func(t, *rest, **kw))

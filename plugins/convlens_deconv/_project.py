@@ -29,7 +29,7 @@ from convlens.engine import ReceptiveField, resolve_layer
 from convlens.errors import ConvlensError
 from convlens_deconv._chain import ChainPlan, NotAChain, build_chain_plan, reverse_chain
 from convlens_deconv._forward import recorded_forward, trace_to
-from convlens_deconv._general import MODES, DeconvMode
+from convlens_deconv._general import MODES, RULES, DeconvMode
 
 __all__ = [
     "Seed",
@@ -40,6 +40,7 @@ __all__ = [
     "choose_method",
     "METHODS",
     "STARTS",
+    "RULES",
 ]
 
 METHODS = ("auto", "chain", "general")
@@ -75,10 +76,12 @@ class Projection:
     reason: str | None = None
     modified_ops: dict[str, int] = field(default_factory=dict)
     receptive_field: ReceptiveField | None = None
+    rule: str = "deconvnet"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "layer": self.layer,
+            "rule": self.rule,
             "method": self.method,
             "mode": self.mode,
             "start": self.start,
@@ -87,9 +90,11 @@ class Projection:
         }
 
 
-def _check(inputs: torch.Tensor, mode: str, start: str, method: str) -> None:
+def _check(inputs: torch.Tensor, mode: str, start: str, method: str, rule: str) -> None:
     if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
         raise ConvlensError(f"inputs: expected a [N, C, H, W] tensor, got {_shape(inputs)}")
+    if rule not in RULES:
+        raise ConvlensError(f"rule {rule!r}: expected one of {', '.join(RULES)}")
     if mode not in MODES:
         raise ConvlensError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
     if start not in STARTS:
@@ -103,23 +108,28 @@ def _shape(x: Any) -> str:
 
 
 def choose_method(
-    model: nn.Module, inputs: torch.Tensor, layer: str, mode: str = "paper", method: str = "auto"
+    model: nn.Module,
+    inputs: torch.Tensor,
+    layer: str,
+    mode: str = "paper",
+    method: str = "auto",
+    rule: str = "deconvnet",
 ) -> tuple[str, ChainPlan | None, str | None]:
     """``(method, chain plan or None, reason)``: which form projects ``layer`` of ``model``.
 
     Traces one forward pass on ``inputs[:1]`` up to ``layer``. ``method="chain"`` on a net that is
     not a chain raises :class:`~convlens.errors.ConvlensError` with the reason."""
-    return _choose(model, inputs, layer, mode, method)[:3]
+    return _choose(model, inputs, layer, mode, method, rule)[:3]
 
 
-def _choose(model, inputs, layer, mode, method):
+def _choose(model, inputs, layer, mode, method, rule="deconvnet"):
     resolve_layer(model, layer)  # a misspelt layer fails here, with close matches
     rec = trace_to(model, inputs[:1], layer)  # the trace up to the layer is all a plan needs
     rf = rec.rf(layer)
     if method == "general":
         return "general", None, "requested", rf
     try:
-        plan = build_chain_plan(model, rec, layer, mode)
+        plan = build_chain_plan(model, rec, layer, mode, rule)
     except NotAChain as exc:
         if method == "chain":
             raise ConvlensError(
@@ -182,6 +192,7 @@ def project(
     method: str = "auto",
     mode: str = "paper",
     start: str = "activation",
+    rule: str = "deconvnet",
     image_batch: int = 16,
     seed_batch: int | None = None,
     progress: Callable[[int], None] | None = None,
@@ -189,6 +200,8 @@ def project(
     """Project each seed's activation at ``layer`` down to input pixels (Section 2.1).
 
     ``inputs`` ``[N, C, H, W]``: preprocessed images on the model's device; seeds index into it.
+    ``rule``: the backward rule at rectifiers — ``"deconvnet"`` (the paper), ``"guided"`` or
+    ``"gradient"`` (:mod:`convlens_deconv._general`; ``"gradient"`` implies ``mode="captum"``).
     ``mode``: ``"paper"`` skips contrast normalisation, ``"captum"`` back-propagates through it.
     ``start``: ``"activation"`` (the paper: the unit's rectified value) or ``"one"`` (Captum).
     ``image_batch``: images per forward pass; ``seed_batch``: projections per reverse pass of the
@@ -196,11 +209,13 @@ def project(
     ``progress(n)`` is called as projections complete.
     Returns a :class:`Projection` with ``projections`` ``[len(seeds), C, H, W]``.
     """
-    _check(inputs, mode, start, method)
+    _check(inputs, mode, start, method, rule)
+    if rule == "gradient":
+        mode = "captum"
     seeds = list(seeds)
     if not seeds:
         raise ConvlensError("project: no seeds given")
-    chosen, plan, reason, rf = _choose(model, inputs, layer, mode, method)
+    chosen, plan, reason, rf = _choose(model, inputs, layer, mode, method, rule)
     if chosen == "chain":
         if seed_batch is None:
             per_seed = 3 * 4 * plan.window_elements()  # a window and two temporaries, float32
@@ -216,11 +231,12 @@ def project(
             image_batch,
             seed_batch,
             progress or _no_progress,
+            rule,
         )
         ops: dict[str, int] = {}
     else:
         proj, raw, ops = _project_general(
-            model, inputs, layer, seeds, mode, start, image_batch, progress or _no_progress
+            model, inputs, layer, seeds, mode, start, image_batch, progress or _no_progress, rule
         )
     return Projection(
         layer,
@@ -233,6 +249,7 @@ def project(
         reason if chosen == "general" else None,
         ops,
         rf,
+        rule,
     )
 
 
@@ -241,11 +258,23 @@ def _no_progress(n: int) -> None:
 
 
 def _project_chain(
-    model, inputs, layer, seeds, plan: ChainPlan, mode, start, image_batch, seed_batch, progress
+    model,
+    inputs,
+    layer,
+    seeds,
+    plan: ChainPlan,
+    mode,
+    start,
+    image_batch,
+    seed_batch,
+    progress,
+    rule="deconvnet",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.zeros(len(seeds), *inputs.shape[1:], dtype=inputs.dtype, device=inputs.device)
     raw_all = torch.zeros(len(seeds), dtype=inputs.dtype, device=inputs.device)
-    extra = plan.lrn_inputs if mode == "captum" else []
+    extra = list(plan.lrn_inputs) if mode == "captum" else []
+    if rule != "deconvnet":
+        extra += plan.rectifier_inputs
     functional = any("/" in n for n in [layer, *extra])
     groups = _by_image(seeds)
     was_training = model.training
@@ -273,7 +302,7 @@ def _project_chain(
                     rows = torch.tensor([row_of[s.image] for s in sub], device=act.device)
                     raw = _values_at(act, rows, ch, ys, xs)
                     proj = reverse_chain(
-                        plan, rec, rows, ch, ys, xs, _start_values(raw, start), mode, cache
+                        plan, rec, rows, ch, ys, xs, _start_values(raw, start), mode, cache, rule
                     )
                     pos = torch.tensor(part, device=out.device)
                     out[pos] = proj.to(out.dtype)
@@ -284,7 +313,9 @@ def _project_chain(
     return out, raw_all
 
 
-def _project_general(model, inputs, layer, seeds, mode, start, image_batch, progress):
+def _project_general(
+    model, inputs, layer, seeds, mode, start, image_batch, progress, rule="deconvnet"
+):
     out = torch.zeros(len(seeds), *inputs.shape[1:], dtype=inputs.dtype, device=inputs.device)
     raw_all = torch.zeros(len(seeds), dtype=inputs.dtype, device=inputs.device)
     functional = "/" in layer
@@ -295,7 +326,7 @@ def _project_general(model, inputs, layer, seeds, mode, start, image_batch, prog
     try:
         for imgs in _chunks(list(groups), image_batch):
             x = inputs[imgs].detach().clone().requires_grad_(True)
-            deconv = DeconvMode(mode)
+            deconv = DeconvMode(mode, rule)
             with torch.enable_grad():
                 rec = recorded_forward(
                     model,

@@ -8,6 +8,8 @@
   rendering); :meth:`Preprocess.for_model` reads a model's own settings.
 * :func:`list_samples`, :func:`sample`, :func:`default_images` and :func:`lfw_faces` give real
   photos that ship with scikit-image and scikit-learn, so nothing needs downloading.
+* :func:`mining_set` is the embedded mining set: a few hundred seeded natural-image crops cut from
+  every photo those packages (and matplotlib) ship, built once into a cache folder.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from convlens.data.images import (
     load_image,
     load_images,
 )
+from convlens.data.mining import MiningSource, mining_set, mining_sources
 from convlens.data.preprocess import (
     DEFAULT_CROP_PCT,
     IMAGENET_MEAN,
@@ -61,4 +64,8 @@ __all__ = [
     "sample",
     "default_images",
     "lfw_faces",
+    # mining
+    "MiningSource",
+    "mining_set",
+    "mining_sources",
 ]

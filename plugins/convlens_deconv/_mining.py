@@ -31,7 +31,14 @@ from convlens.data import Preprocess, SkippedImageWarning, find_images, load_ima
 from convlens.errors import ConvlensError, ImageError
 from convlens_deconv._forward import recorded_forward
 
-__all__ = ["TopK", "mine_topk", "merge_topk", "image_batches", "distributed_info"]
+__all__ = [
+    "TopK",
+    "mine_topk",
+    "mine_topk_layers",
+    "merge_topk",
+    "image_batches",
+    "distributed_info",
+]
 
 
 @dataclass
@@ -193,8 +200,45 @@ def mine_topk(
     ``images``: files/folders (streamed, read one at a time) or a preprocessed ``[N, 3, H, W]``
     tensor. ``distributed``: None = use ``torch.distributed`` when it is initialised (shard the
     images over ranks and merge), False = ignore it. ``progress(n)`` is called per batch."""
+    return mine_topk_layers(
+        model,
+        [layer],
+        images,
+        channels={layer: channels},
+        k=k,
+        per_image=per_image,
+        preprocess=preprocess,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        distributed=distributed,
+        stop_at=layer,
+    )[layer]
+
+
+def mine_topk_layers(
+    model: nn.Module,
+    layers: Sequence[str],
+    images: Any,
+    *,
+    channels: dict[str, Sequence[int] | None] | None = None,
+    k: int = 9,
+    per_image: int = 1,
+    preprocess: Preprocess | None = None,
+    batch_size: int = 16,
+    device: torch.device | str | None = None,
+    progress: Callable[[int], None] | None = None,
+    distributed: bool | None = None,
+    stop_at: str | None = None,
+) -> dict[str, TopK]:
+    """:func:`mine_topk` for several layers in **one** pass over the images (one forward pass per
+    batch records them all, stopped after ``stop_at``, the deepest of them, when given).
+    ``channels[layer]``: that layer's channels (None or missing: all)."""
     if k < 1 or per_image < 1:
         raise ConvlensError(f"top-k mining: k and per_image must be >= 1 (got {k}, {per_image})")
+    layers = list(dict.fromkeys(layers))
+    if not layers:
+        raise ConvlensError("top-k mining: no layers given")
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
@@ -202,65 +246,77 @@ def mine_topk(
     pre = preprocess or Preprocess.for_model(model)
     rank, world = distributed_info() if distributed in (None, True) else (0, 1)
     batches, files, total = image_batches(images, pre, batch_size, rank, world)
-    chans: list[int] | None = list(channels) if channels is not None else None
-    best: tuple | None = None
+    wanted = channels or {}
+    chans: dict[str, list[int] | None] = {
+        lay: (list(wanted[lay]) if wanted.get(lay) is not None else None) for lay in layers
+    }
+    best: dict[str, tuple | None] = dict.fromkeys(layers)
+    positions = dict.fromkeys(layers, 1)
+    map_shape: dict[str, tuple[int, ...]] = dict.fromkeys(layers, ())
     seen = 0
-    positions = 1
-    map_shape: tuple[int, ...] = ()
     was_training = model.training
     model.eval()
     try:
         for xb, ids in batches:
             with torch.inference_mode():
                 rec = recorded_forward(
-                    model, xb.to(device), [layer], layer, switches=False, trace=False
+                    model, xb.to(device), layers, stop_at, switches=False, trace=False
                 )
+            for layer in layers:
                 act = rec[layer]
-            if act.dim() not in (2, 4):
-                raise ConvlensError(
-                    f"layer {layer!r}: output of shape {tuple(act.shape)} cannot be mined"
+                if act.dim() not in (2, 4):
+                    raise ConvlensError(
+                        f"layer {layer!r}: output of shape {tuple(act.shape)} cannot be mined"
+                    )
+                if chans[layer] is None:
+                    chans[layer] = list(range(act.shape[1]))
+                bad = [c for c in chans[layer] if not 0 <= c < act.shape[1]]
+                if bad:
+                    raise ConvlensError(
+                        f"channel {bad[0]}: layer {layer!r} has {act.shape[1]} channels"
+                    )
+                map_shape[layer] = tuple(act.shape[1:])
+                cand = _candidates(act, chans[layer], ids, per_image)
+                positions[layer] = _positions(act)
+                prev = best[layer]
+                best[layer] = merge_topk(
+                    [prev, cand] if prev is not None else [cand], k, positions[layer]
                 )
-            if chans is None:
-                chans = list(range(act.shape[1]))
-            bad = [c for c in chans if not 0 <= c < act.shape[1]]
-            if bad:
-                raise ConvlensError(
-                    f"channel {bad[0]}: layer {layer!r} has {act.shape[1]} channels"
-                )
-            map_shape = tuple(act.shape[1:])
-            cand = _candidates(act, chans, ids, per_image)
-            positions = _positions(act)
-            best = merge_topk([best, cand] if best is not None else [cand], k, positions)
             seen += len(ids)
             if progress is not None:
                 progress(len(ids))
     finally:
         model.train(was_training)
-    if world > 1:  # every rank must agree on the channels and the map before merging
-        chans, positions, map_shape = _agree(chans, positions, map_shape)
-    if chans is None:
-        raise ConvlensError("top-k mining: no images")
-    if best is None:  # nothing on this rank (more ranks than images)
-        c = len(chans)
-        best = (
-            torch.full((c, k), float("-inf")),
-            *(torch.full((c, k), -1, dtype=torch.long) for _ in range(3)),
+    out: dict[str, TopK] = {}
+    n_seen = seen
+    for layer in layers:
+        ch, pos, shape, b = chans[layer], positions[layer], map_shape[layer], best[layer]
+        if world > 1:  # every rank must agree on the channels and the map before merging
+            ch, pos, shape = _agree(ch, pos, shape)
+        if ch is None:
+            raise ConvlensError("top-k mining: no images")
+        if b is None:  # nothing on this rank (more ranks than images)
+            c = len(ch)
+            b = (
+                torch.full((c, k), float("-inf")),
+                *(torch.full((c, k), -1, dtype=torch.long) for _ in range(3)),
+            )
+        if world > 1:
+            b, n_seen = _all_gather_merge(b, k, seen, pos)
+        out[layer] = TopK(
+            layer,
+            ch,
+            k,
+            b[0],
+            b[1],
+            b[2],
+            b[3],
+            n_images=n_seen,
+            files=files,
+            world_size=world,
+            map_shape=shape,
         )
-    if world > 1:
-        best, seen = _all_gather_merge(best, k, seen, positions)
-    return TopK(
-        layer,
-        chans,
-        k,
-        best[0],
-        best[1],
-        best[2],
-        best[3],
-        n_images=seen,
-        files=files,
-        world_size=world,
-        map_shape=map_shape,
-    )
+    return out
 
 
 def _positions(act: torch.Tensor) -> int:

@@ -45,7 +45,12 @@ class ReportSection:
     order: int = 50
 
     def to_dict(self) -> dict[str, Any]:
-        return {"title": self.title, "html": self.html, "figures": self.figures, "order": self.order}
+        return {
+            "title": self.title,
+            "html": self.html,
+            "figures": self.figures,
+            "order": self.order,
+        }
 
 
 @dataclass
@@ -74,7 +79,20 @@ class ProbeContext:
     probes: Registry | None = None
     report_dir: Path | None = None
     progress_factory: Callable[..., Any] | None = None
+    #: False when the user named no images and ``images`` are the bundled sample photos.
+    images_given: bool = True
+    #: Where :meth:`note` sends a line (the CLI: stderr); None: the ``convlens`` logger.
+    note_sink: Callable[[str], None] | None = None
     _inputs: tuple[torch.Tensor, list[Path]] | None = None
+
+    def note(self, message: str) -> None:
+        """Tell the person running the probe one line (a choice made for them and why)."""
+        if self.note_sink is not None:
+            self.note_sink(message)
+        else:
+            import logging
+
+            logging.getLogger("convlens").info(message)
 
     def inputs(self) -> tuple[torch.Tensor, list[Path]]:
         """The images, loaded and preprocessed for the model (once): ``([N, 3, H, W], paths)``.

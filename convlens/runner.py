@@ -146,7 +146,9 @@ def write_overview(ctx: ProbeContext, out_root: Path) -> dict[str, Any]:
     write_json(out_root / "overview" / "overview.json", data)
     rows = "".join(
         f"<tr><td>{esc(Path(p['image']).name)}</td>"
-        + "".join(f"<td>{esc(t['name'])} <small>{t['prob']:.2f}</small></td>" for t in p["top5"][:3])
+        + "".join(
+            f"<td>{esc(t['name'])} <small>{t['prob']:.2f}</small></td>" for t in p["top5"][:3]
+        )
         + "</tr>"
         for p in preds
     )
@@ -201,6 +203,7 @@ def run_probe(
     host=None,
     progress_factory: Callable[..., Any] | None = None,
     overview: bool = True,
+    note_sink: Callable[[str], None] | None = None,
     **options: Any,
 ) -> ProbeResult:
     """Run one registered probe and write its files, its report section and the report."""
@@ -229,6 +232,8 @@ def run_probe(
         probes=host.probes,
         report_dir=out_root,
         progress_factory=progress_factory,
+        images_given=bool(images),
+        note_sink=note_sink,
     )
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     instance = probe_cls()
@@ -248,9 +253,9 @@ def run_probe(
         {
             "probe": probe_cls.name,
             "model": label,
-            "weights": str(weights) if weights else getattr(
-                getattr(net, "convlens_info", None), "weights", None
-            ),
+            "weights": str(weights)
+            if weights
+            else getattr(getattr(net, "convlens_info", None), "weights", None),
             "images": [str(p) for p in image_paths],
             "options": json.loads(json.dumps(opts, default=str)),
             "seed": seed,

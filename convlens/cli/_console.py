@@ -30,6 +30,11 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
     err.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False)
 
 
+def show_note(message: str) -> None:
+    """A probe's note (a choice made for the user, and why) as one line on stderr."""
+    err.print(f"[bold cyan]note:[/] {escape(str(message))}", highlight=False)
+
+
 def install_warning_handler() -> None:
     warnings.showwarning = show_warning
     warnings.simplefilter("default")

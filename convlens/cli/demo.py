@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from convlens.cli._console import err, out, progress_bar
+from convlens.cli._console import err, out, progress_bar, show_note
 from convlens.runner import DEFAULT_MODEL
 
 
@@ -44,16 +44,27 @@ def demo(
 
     image_paths = [Path(p) for p in images] if images else list(default_images())
     ctx = ProbeContext(net, label, image_paths, out_dir / "overview", {}, dev)
-    err.print(f"[bold]convlens demo[/]: model {label}, {len(image_paths)} image source(s), "
-              f"probes: {', '.join(names) or 'none installed'}")
+    err.print(
+        f"[bold]convlens demo[/]: model {label}, {len(image_paths)} image source(s), "
+        f"probes: {', '.join(names) or 'none installed'}"
+    )
     t0 = time.perf_counter()
     write_overview(ctx, out_dir)
     failed = []
     for n in names:
         t = time.perf_counter()
         try:
-            run_probe(n, net, images=image_paths, out=out_dir, device=dev, host=host,
-                      progress_factory=progress_bar, overview=False)
+            run_probe(
+                n,
+                net,
+                images=[Path(p) for p in images] if images else None,
+                out=out_dir,
+                device=dev,
+                host=host,
+                progress_factory=progress_bar,
+                overview=False,
+                note_sink=show_note,
+            )
             err.print(f"  [green]✓[/] {n} ({time.perf_counter() - t:.1f} s)")
         except ConvlensError as exc:
             failed.append(n)

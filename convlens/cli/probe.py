@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from convlens.cli._console import out, progress_bar
+from convlens.cli._console import out, progress_bar, show_note
 from convlens.options import Option
 from convlens.runner import DEFAULT_MODEL
 
@@ -23,31 +23,57 @@ def _common_params() -> list[inspect.Parameter]:
     kw = inspect.Parameter.KEYWORD_ONLY
     return [
         inspect.Parameter(
-            "model", kw, default=DEFAULT_MODEL,
-            annotation=Annotated[str, typer.Option("--model", "-m", help="Model name (convlens, "
-                                                   "plugin or any timm architecture).")],
+            "model",
+            kw,
+            default=DEFAULT_MODEL,
+            annotation=Annotated[
+                str,
+                typer.Option(
+                    "--model", "-m", help="Model name (convlens, plugin or any timm architecture)."
+                ),
+            ],
         ),
         inspect.Parameter(
-            "weights", kw, default=None,
-            annotation=Annotated[Path | None, typer.Option(
-                "--weights", help="Weights: .safetensors or a torch checkpoint (weights_only).")],
+            "weights",
+            kw,
+            default=None,
+            annotation=Annotated[
+                Path | None,
+                typer.Option(
+                    "--weights", help="Weights: .safetensors or a torch checkpoint (weights_only)."
+                ),
+            ],
         ),
         inspect.Parameter(
-            "images", kw, default=None,
-            annotation=Annotated[list[Path] | None, typer.Option(
-                "--images", "-i", help="Image files or folders (recursive); repeatable. "
-                "Default: the bundled sample photos.")],
+            "images",
+            kw,
+            default=None,
+            annotation=Annotated[
+                list[Path] | None,
+                typer.Option(
+                    "--images",
+                    "-i",
+                    help="Image files or folders (recursive); repeatable. "
+                    "Default: the bundled sample photos.",
+                ),
+            ],
         ),
         inspect.Parameter(
-            "out", kw, default=Path("convlens-out"),
+            "out",
+            kw,
+            default=Path("convlens-out"),
             annotation=Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
         ),
         inspect.Parameter(
-            "device", kw, default="auto",
+            "device",
+            kw,
+            default="auto",
             annotation=Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")],
         ),
         inspect.Parameter(
-            "seed", kw, default=0,
+            "seed",
+            kw,
+            default=0,
             annotation=Annotated[int, typer.Option("--seed", help="Random seed (recorded).")],
         ),
     ]
@@ -75,13 +101,17 @@ def make_probe_command(probe_cls: type) -> Any:
     if clash:
         from convlens.errors import PluginError
 
-        raise PluginError(f"probe {probe_cls.name!r}: option {clash[0]!r} clashes with a common one")
+        raise PluginError(
+            f"probe {probe_cls.name!r}: option {clash[0]!r} clashes with a common one"
+        )
 
     def command(**kwargs: Any) -> None:
         from convlens.runner import run_probe
 
         base = {k: kwargs.pop(k) for k in list(kwargs) if k in common}
-        result = run_probe(probe_cls.name, progress_factory=progress_bar, **base, **kwargs)
+        result = run_probe(
+            probe_cls.name, progress_factory=progress_bar, note_sink=show_note, **base, **kwargs
+        )
         table = Table(title=f"probe {probe_cls.name}", show_header=False)
         table.add_column("key")
         table.add_column("value")

@@ -3,11 +3,13 @@ receptive fields of one forward pass, and always clean up. See ``docs/architectu
 
 from convlens.engine.layers import (
     LayerRef,
+    depth_layers,
     layer_names,
     resolve_layer,
     resolve_layers,
     top_conv_layer,
     trace_model,
+    unsaturated,
 )
 from convlens.engine.receptive import ReceptiveField
 from convlens.engine.recorder import LayerCall, PoolSwitch, Recording, record
@@ -24,4 +26,6 @@ __all__ = [
     "layer_names",
     "trace_model",
     "top_conv_layer",
+    "depth_layers",
+    "unsaturated",
 ]

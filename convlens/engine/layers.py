@@ -23,7 +23,13 @@ __all__ = [
     "layer_names",
     "trace_model",
     "top_conv_layer",
+    "depth_layers",
+    "unsaturated",
 ]
+
+# Rectifiers with a ceiling: at the ceiling activations tie, and a gradient-gated rule is zero.
+_SATURATING = ("relu6", "hardtanh")
+_PASS_TYPES = ("identity", "dropout")
 
 # Layers that only move or drop values: never "the top conv layer" (module or functional names).
 _SKIP_TYPES = ("dropout", "identity", "flatten", "pool")
@@ -115,9 +121,7 @@ def top_conv_layer(model: nn.Module, rec=None) -> str:
     one, else the last leaf layer whose output is still a spatial map (H, W > 1), skipping
     pooling, dropout and identity layers. This is the layer Fig. 7 of the paper reads."""
     aliases = getattr(model, "convlens_aliases", {}) or {}
-    convs = sorted(
-        (int(a[4:]), a) for a in aliases if a.startswith("conv") and a[4:].isdigit()
-    )
+    convs = sorted((int(a[4:]), a) for a in aliases if a.startswith("conv") and a[4:].isdigit())
     if convs:
         return convs[-1][1]
     rec = rec or trace_model(model)
@@ -129,3 +133,111 @@ def top_conv_layer(model: nn.Module, rec=None) -> str:
             continue
         return call.name
     raise LayerNotFoundError(f"{type(model).__name__} has no layer with a spatial output")
+
+
+def _rf_share(rf, hw: tuple[int, int]) -> float:
+    """The share of the input's side that a unit's receptive field covers (1.0: all of it)."""
+    if rf is None or rf.is_global:
+        return 1.0
+    return min(1.0, max(rf.size[0] / max(hw[0], 1), rf.size[1] / max(hw[1], 1)))
+
+
+def depth_layers(model: nn.Module, n: int = 5, rec=None) -> list[tuple[str, float]]:
+    """About ``n`` layers spread by receptive-field size, shallow to deep, as ``(layer, share)``
+    with ``share`` the part of the input's side one unit sees (the paper's "layers 1–5").
+
+    Candidates: the ``conv1``…``convK`` aliases where the model has them (zfnet, alexnet); else
+    its ``feature_info`` stages (timm) and its top conv layer, filled in with rectifiers and
+    convolutions when they give fewer than ``n`` different field sizes; else every rectifier and
+    convolution with a spatial output; a saturating rectifier's output stands for its input
+    (:func:`unsaturated`). Candidates whose fields are the same size keep only the deepest. Among them, the first and the last, and between them the ones nearest to
+    receptive-field shares spaced evenly on a log scale (ties: the deeper one)."""
+    import math
+
+    rec = rec or trace_model(model)
+    hw = tuple((rec.input_shape or (1, 3, 224, 224))[-2:])
+    aliases = getattr(model, "convlens_aliases", {}) or {}
+    names = [a for _, a in sorted(
+        (int(a[4:]), a) for a in aliases if a.startswith("conv") and a[4:].isdigit()
+    )]  # fmt: skip
+    if not names:
+        for f in getattr(model, "feature_info", None) or []:
+            name = f.get("module") if isinstance(f, dict) else getattr(f, "module", None)
+            if name:
+                names.append(name)
+        if names:
+            top = top_conv_layer(model, rec)
+            if top not in names:
+                names.append(top)
+    leaves = []
+    for call in rec.leaves():
+        shape = call.output_shape
+        if not shape or len(shape) != 4 or shape[-1] <= 1:
+            continue
+        t = call.type.lower()
+        if "conv" in t or "relu" in t or "hardtanh" in t or "silu" in t or "gelu" in t:
+            leaves.append(call.name)
+
+    def candidates(names: list[str]) -> list[tuple[str, float, int]]:
+        out: list[tuple[str, float, int]] = []
+        for name in dict.fromkeys(names):
+            try:
+                call = rec.layer(name)
+            except Exception:  # noqa: BLE001 - a tap that did not run is no candidate
+                continue
+            out.append((name, _rf_share(rec.rf(name), hw), call.index))
+        out.sort(key=lambda c: c[2])
+        # the same field twice (a stage and the activation that ends it): keep the deeper one
+        return [c for i, c in enumerate(out) if i + 1 == len(out) or out[i + 1][1] > c[1] * 1.01]
+
+    names = [unsaturated(rec, nm) for nm in names]
+    leaves = [unsaturated(rec, nm) for nm in leaves]
+    cands = candidates(names or leaves)
+    if names and len(cands) < n and not aliases:  # too few stages: fill in from the leaves
+        named = {c[0] for c in cands}
+        shares = [c[1] for c in cands]
+        extra = [
+            name
+            for name in leaves
+            if name not in named
+            and all(abs(_rf_share(rec.rf(name), hw) - v) > 0.05 for v in shares)
+        ]
+        cands = candidates([c[0] for c in cands] + extra)
+    if len(cands) <= n:
+        return [(c[0], c[1]) for c in cands]
+    lo, hi = math.log(max(cands[0][1], 1e-6)), math.log(max(cands[-1][1], 1e-6))
+    picked = {0, len(cands) - 1}
+    for k in range(1, n - 1):
+        target = lo + (hi - lo) * k / (n - 1)
+        free = [i for i in range(len(cands)) if i not in picked]
+        if not free:
+            break
+        best = min(free, key=lambda i: (abs(math.log(max(cands[i][1], 1e-6)) - target), -i))
+        picked.add(best)
+    return [(cands[i][0], cands[i][1]) for i in sorted(picked)]
+
+
+def unsaturated(rec, name: str) -> str:
+    """``name``, or — when that layer's output comes from a rectifier with a ceiling (ReLU6,
+    hardtanh) — the layer that feeds the rectifier (its pre-activation, e.g. ``bn2/batch_norm``
+    for timm's ``bn2.act``): at the ceiling the strongest activations all tie (6.0), and the
+    guided rule, gated to the open interval (0, 6), projects every one of them to zero."""
+    call = rec.layer(name)
+    if not call.leaf:  # a container: its last leaf is what it returns
+        inner = [c for c in rec.trace if c.leaf and c.index > call.index and c.depth > call.depth]
+        after = [c for c in rec.trace if c.index > call.index and c.depth <= call.depth]
+        end = after[0].index if after else len(rec.trace) + call.index + 1
+        inner = [c for c in inner if c.index < end]
+        if not inner:
+            return name
+        call = inner[-1]
+    if not any(t in call.type.lower() for t in _SATURATING):
+        return name
+    leaves = [c for c in rec.trace if c.leaf and c.index < call.index]
+    for prev in reversed(leaves):
+        if any(t in prev.type.lower() for t in _PASS_TYPES):
+            continue
+        if tuple(prev.output_shape or ()) == tuple(call.input_shape or ()):
+            return prev.name
+        break
+    return name

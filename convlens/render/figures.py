@@ -13,7 +13,19 @@ from PIL import Image
 
 from convlens.io import atomic_path
 
-__all__ = ["to_uint8", "contrast_stretch", "grid", "save_png", "colormap", "overlay"]
+__all__ = [
+    "to_uint8",
+    "contrast_stretch",
+    "robust_stretch",
+    "ROBUST_PERCENTILE",
+    "grid",
+    "save_png",
+    "colormap",
+    "overlay",
+]
+
+#: :func:`robust_stretch` maps this percentile of ``|a|`` (non-zero, finite values) to full scale.
+ROBUST_PERCENTILE = 99.5
 
 
 def _hwc(a: np.ndarray) -> np.ndarray:
@@ -44,6 +56,24 @@ def contrast_stretch(a: np.ndarray, percentile: float = 0.0) -> np.ndarray:
     if not np.isfinite(scale) or scale <= 0:
         return np.full(a.shape, 0.5)
     return np.clip(0.5 + a / (2.0 * scale), 0.0, 1.0)
+
+
+def robust_stretch(
+    a: np.ndarray, percentile: float = ROBUST_PERCENTILE, background: float = 0.92
+) -> np.ndarray:
+    """Signed values to [0, 1] robustly: ``0.5 + a / (2·s)`` clipped, with ``s`` the
+    ``percentile``-th percentile of ``|a|`` over its finite non-zero entries (zero stays
+    mid-grey, the sign is kept, a few extreme pixels saturate instead of turning the rest grey).
+    NaN entries (e.g. outside the image) become ``background``."""
+    a = np.asarray(a, dtype=np.float64)
+    finite = np.isfinite(a)
+    vals = np.abs(a[finite & (a != 0)])
+    scale = float(np.percentile(vals, percentile)) if vals.size else 0.0
+    if scale <= 0:
+        out = np.full(a.shape, 0.5)
+    else:
+        out = np.clip(0.5 + np.where(finite, a, 0.0) / (2.0 * scale), 0.0, 1.0)
+    return np.where(finite, out, background)
 
 
 def grid(

@@ -99,13 +99,25 @@ class _Rectify(torch.autograd.Function):
         return grad.clamp(min=0), None
 
 
+def _gate(name: str, x: torch.Tensor, rest: tuple, kw: dict, fn) -> torch.Tensor:
+    """``max(f'(x), 0)`` — closed forms for the piecewise-linear rectifiers (the same values as
+    their autograd backward), :func:`local_slope` for the others."""
+    if name == "relu":
+        return (x > 0).to(x.dtype)
+    if name in ("relu6", "hardtanh"):
+        lo = _arg(rest, kw, 0, "min_val", -1.0) if name == "hardtanh" else 0.0
+        hi = _arg(rest, kw, 1, "max_val", 1.0) if name == "hardtanh" else 6.0
+        return ((x > lo) & (x < hi)).to(x.dtype)
+    return local_slope(fn, x).clamp_(min=0)
+
+
 class _Guided(torch.autograd.Function):
     """Forward: the original op (in place if it was). Backward: ``relu(grad_out) * max(f'(x), 0)``
     with ``f'`` the op's slope at the forward input (taken before an in-place op overwrote it)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]):
-        gate = local_slope(fn, x).clamp_(min=0)
+    def forward(ctx, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], gate_fn):
+        gate = gate_fn(x)
         ctx.save_for_backward(gate)
         out = fn(x)
         if out.data_ptr() == x.data_ptr() and out.shape == x.shape:
@@ -116,7 +128,7 @@ class _Guided(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (gate,) = ctx.saved_tensors
-        return grad.clamp(min=0) * gate.to(grad.dtype), None
+        return grad.clamp(min=0) * gate.to(grad.dtype), None, None
 
 
 class _PassThrough(torch.autograd.Function):
@@ -234,8 +246,10 @@ class DeconvMode(TorchFunctionMode):
             self.seen[name] = self.seen.get(name, 0) + 1
             if self.rule == "gradient":
                 return func(*args, **kwargs)
-            rule_fn = _Guided if self.rule == "guided" else _Rectify
-            return rule_fn.apply(x, lambda t: func(t, *rest, **kw))
+            op = lambda t: func(t, *rest, **kw)  # noqa: E731
+            if self.rule == "guided":
+                return _Guided.apply(x, op, lambda t: _gate(name, t, rest, kw, op))
+            return _Rectify.apply(x, op)
         if name == "local_response_norm" and self.mode == "paper":
             self.seen[name] = self.seen.get(name, 0) + 1
             return _PassThrough.apply(x, lambda t: func(t, *rest, **kw))

@@ -11,14 +11,15 @@ import convlens_deconv
 import numpy as np
 import pytest
 import torch
-from captum.attr import NeuronDeconvolution
+from captum.attr import NeuronDeconvolution, NeuronGuidedBackprop
 from convlens_deconv import band_energies, feature_evolution, filter_diagnostics
 
 import convlens
-from convlens.data import SkippedImageWarning
+from convlens.data import Preprocess, SkippedImageWarning, load_image
 from convlens.engine import record
 from convlens.errors import ConvlensError
 from convlens.models import ModelInfo
+from convlens.render.crops import cut
 from convlens.testing import tiny_model
 from tests.conftest import run_cli
 
@@ -67,40 +68,62 @@ def test_probe_writes_documented_files_and_listed_projections_match_captum(tmp_p
     out = tmp_path / "deconv"
     doc = json.loads((out / "deconv.json").read_text())
     npz = np.load(out / "deconv.npz")
-    assert doc["schema_version"] == 1 and doc["method"] == "chain" and doc["layer"] == "conv3"
+    assert doc["schema_version"] == 2 and doc["layer"] == "conv3"
+    assert [ld["layer"] for ld in doc["layers"]] == ["conv1", "conv2", "conv3"]
+    assert doc["rule_requested"] == "auto" and doc["rule"] in ("deconvnet", "guided")
+    for ld in doc["layers"]:
+        assert ld["rule"] == ld["rule_choice"]["rule"] and ld["rule_choice"]["reason"]
+        assert ld["channels"] == [2, 5, 7] and ld["method"] == "chain"
     assert doc["channels"] == [2, 5, 7] and doc["k"] == 2 and doc["mining"]["images"] == 3
     kinds = [e["kind"] for e in doc["projections"]]
-    assert kinds.count("topk") == 6 and kinds.count("neuron") == 1
+    assert kinds.count("topk") == 3 * 3 * 2 and kinds.count("neuron") == 1
     assert kinds.count("poster") == 2 * len(doc["poster"]["layers"])
-    n, m = len(doc["projections"]), len(doc["images"])
-    assert npz["projections"].shape == (n, 3, 32, 32) and npz["inputs"].shape == (m, 3, 32, 32)
-    assert npz["projections"].dtype == np.float32
-    for name in ("fig2_topk.png", "poster_layers.png", "fig6_filters.png"):
+    for li, ld in enumerate(doc["layers"]):
+        h, w = ld["crop_size"]
+        assert npz[f"layer{li}_projections"].shape == (6, 3, h, w)
+        assert npz[f"layer{li}_projections"].dtype == np.float32
+        assert npz[f"layer{li}_patches"].shape == (6, 3, h, w)
+        assert npz[f"layer{li}_patches"].dtype == np.uint8
+    assert npz["poster_projections"].shape == (kinds.count("poster"), 3, 32, 32)
+    figs = [f"fig2_{i}_{n}.png" for i, n in enumerate(("conv1", "conv2", "conv3"))]
+    for name in (*figs, "poster_layers.png", "fig6_filters.png"):
         assert (out / name).stat().st_size > 0
-    assert res.summary["projections"] == n
+    assert res.summary["projections"] == len(kinds)
     section = json.loads((out / "section.json").read_text())
-    assert "deconv/fig2_topk.png" in section["figures"]
-    # recompute listed projections independently: Captum from the saved inputs, times the value
-    x = torch.from_numpy(npz["inputs"])
-    nd = NeuronDeconvolution(model, model.features.relu3)
-    with torch.no_grad(), record(model, ["conv3"], switches=False, trace=False) as rec:
-        model(x)
-    for i, e in enumerate(doc["projections"]):
-        if e["kind"] == "poster":
+    assert "deconv/fig2_2_conv3.png" in section["figures"]
+    # recompute listed projections independently: Captum from the image files, times the value
+    pre = Preprocess.for_model(model)
+    rule = next(ld["rule"] for ld in doc["layers"] if ld["layer"] == "conv3")
+    ref_cls = NeuronDeconvolution if rule == "deconvnet" else NeuronGuidedBackprop
+    nd = ref_cls(model, model.features.relu3)
+    checked = 0
+    for e in doc["projections"]:
+        if e["layer"] != "conv3" or e["kind"] == "poster":
             continue
-        j = e["input_index"]
-        a = float(rec["conv3"][j, e["channel"], e["y"], e["x"]])
+        x = pre(load_image(e["image"]))[None]
+        with torch.no_grad(), record(model, ["conv3"], switches=False, trace=False) as rec:
+            model(x)
+        a = float(rec["conv3"][0, e["channel"], e["y"], e["x"]])
         assert e["activation"] == pytest.approx(a, rel=1e-5, abs=1e-7)
-        ref = nd.attribute(x[j : j + 1], neuron_selector=(e["channel"], e["y"], e["x"]))[0] * max(
-            a, 0.0
-        )
-        got = torch.from_numpy(npz["projections"][i])
-        assert float((got - ref).abs().max()) <= 1e-5 * max(float(ref.abs().max()), 1e-12)
-        x0, y0, x1, y1 = e["receptive_field"]["clipped"]
-        assert 0 <= x0 < x1 <= 32 and 0 <= y0 < y1 <= 32
-        outside = got.clone()
-        outside[:, y0:y1, x0:x1] = 0
+        ref = nd.attribute(x, neuron_selector=(e["channel"], e["y"], e["x"]))[0] * max(a, 0.0)
+        x0, y0, x1, y1 = e["receptive_field"]["crop"]
+        got = npz[e["array"]][e["row"]]
+        want = cut(ref.numpy(), (x0, y0, x1, y1), 0.0)
+        assert got.shape == want.shape
+        assert float(np.abs(got - want).max()) <= 1e-5 * max(float(ref.abs().max()), 1e-12)
+        cx0, cy0, cx1, cy1 = e["receptive_field"]["clipped"]
+        assert 0 <= cx0 < cx1 <= 32 and 0 <= cy0 < cy1 <= 32
+        outside = ref.clone()
+        outside[:, cy0:cy1, cx0:cx1] = 0
         assert float(outside.abs().max()) == 0.0  # nothing outside the receptive field
+        if e["kind"] == "topk":
+            patch = npz[e["array"].replace("projections", "patches")][e["row"]]
+            img01 = pre.denormalize(x)[0].numpy()
+            np.testing.assert_allclose(
+                patch / 255.0, cut(img01, (x0, y0, x1, y1), 0.0), atol=0.5 / 255 + 1e-6
+            )
+        checked += 1
+    assert checked == 7
     neuron = next(e for e in doc["projections"] if e["kind"] == "neuron")
     assert (neuron["channel"], neuron["y"], neuron["x"]) == (3, 2, 1)
     assert Path(neuron["image"]).name == "img1.png"  # files sorted: broken.png is index 0
@@ -278,5 +301,11 @@ def test_cli_probe_deconv_on_zfnet_mini(tmp_path, images):
     assert "RANDOM weights" in res.stderr
     doc = json.loads((tmp_path / "deconv" / "deconv.json").read_text())
     assert doc["layer"] == "conv5" and doc["method"] == "chain" and doc["random_weights"]
+    assert [ld["layer"] for ld in doc["layers"]] == [f"conv{i}" for i in range(1, 6)]
+    # one image given: the rule is still measured, on the bundled photos, and said on stderr
+    assert doc["image_specificity"] is not None and doc["rule"] == "deconvnet"
+    assert "note: deconv conv5: rule deconvnet" in res.stderr
     npz = np.load(tmp_path / "deconv" / "deconv.npz")
-    assert npz["projections"].shape == (3, 3, 224, 224) and npz["inputs"].shape == (1, 3, 224, 224)
+    h, w = doc["layers"][-1]["crop_size"]
+    assert npz["layer4_projections"].shape == (3, 3, h, w)
+    assert npz["fixed_inputs"].shape == (1, 3, 224, 224)

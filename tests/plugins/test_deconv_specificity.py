@@ -1,0 +1,128 @@
+"""image_specificity and the ``auto`` rule: the deconvnet is image-independent exactly where no
+max-pooling switches lie below a layer (checked by recomputing cosines by hand), ``auto`` keeps
+the paper's rule on zfnet, alexnet and vgg16 and switches to guided on efficientnet_lite0."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from convlens_deconv import Seed, project
+from convlens_deconv._specificity import (
+    SPECIFICITY_THRESHOLD,
+    _units,
+    choose_rule,
+    image_specificity,
+)
+from torch import nn
+
+from convlens.data import Preprocess, default_images, load_batch
+from convlens.testing import tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+def quiet(name: str, **kwargs) -> nn.Module:
+    from convlens.models import create_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return create_model(name, **kwargs).eval()
+
+
+def photos(model: nn.Module, n: int = 3, size: int | None = None) -> torch.Tensor:
+    x, _ = load_batch(default_images()[:n], Preprocess.for_model(model))
+    if size is not None:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x
+
+
+def test_figure_is_the_mean_pairwise_cosine_recomputed_by_hand():
+    model, shape = tiny_model("chain", lrn=False)
+    x = torch.randn(3, *shape[1:], generator=torch.Generator().manual_seed(5))
+    fig, pairs, units = image_specificity(model, x, "conv3", "guided", units=2)
+    seeds = [Seed(i, c, y, xx) for c, y, xx in units for i in range(3)]
+    p = project(model, x, "conv3", seeds, rule="guided", start="one").projections
+    p = p.reshape(len(units), 3, -1).double()
+    sims = []
+    for u in range(len(units)):
+        for i in range(3):
+            for j in range(i + 1, 3):
+                a, b = p[u, i], p[u, j]
+                if a.norm() > 0 and b.norm() > 0:
+                    sims.append(float(a @ b / (a.norm() * b.norm())))
+    assert pairs == len(sims) > 0
+    assert fig == pytest.approx(sum(sims) / len(sims), abs=1e-9)
+
+
+def test_units_fire_in_every_image():
+    act = torch.zeros(3, 4, 2, 2)
+    act[:, 2, 1, 0] = torch.tensor([5.0, 4.0, 3.0])  # fires everywhere: chosen first
+    act[0, 1, 0, 0] = 9.0  # strongest single value, but silent in two images
+    assert _units(act, 1) == [(2, 1, 0)]
+
+
+def test_deconvnet_is_image_independent_without_switches_and_guided_is_not():
+    model = quiet("efficientnet_lite0")
+    x = photos(model, 3, 96)
+    fd, pd, _ = image_specificity(model, x, "blocks.3", "deconvnet")
+    fg, pg, _ = image_specificity(model, x, "blocks.3", "guided")
+    assert pd > 0 and pg > 0
+    assert fd == pytest.approx(1.0, abs=1e-6)  # no max pooling in EfficientNet
+    assert fg < 0.5
+
+
+def test_auto_picks_guided_on_efficientnet_lite0_and_says_why():
+    model = quiet("efficientnet_lite0")
+    x = photos(model, 3, 96)
+    choice = choose_rule(model, x, "blocks.5")
+    assert choice.rule == "guided"
+    assert choice.figures["deconvnet"] > SPECIFICITY_THRESHOLD
+    assert choice.figure < 0.5 and choice.warning is None
+    assert "no max-pooling switches" in choice.reason
+    d = choice.to_dict()
+    assert d["image_specificity"] == choice.figure and d["rule"] == "guided"
+
+
+@pytest.mark.parametrize(
+    "name,layer,size,kwargs",
+    [
+        ("zfnet", "conv5", 112, {"width_mult": 0.25, "input_size": 112}),
+        ("alexnet", "conv5", 112, {"width_mult": 0.25, "input_size": 112}),
+        ("vgg16", "features.29", 64, {}),
+    ],
+)
+def test_auto_keeps_the_paper_deconvnet_where_switches_make_it_image_specific(
+    name, layer, size, kwargs
+):
+    model = quiet(name, **kwargs)
+    x = photos(model, 3, size)
+    choice = choose_rule(model, x, layer)
+    assert choice.rule == "deconvnet", choice.reason
+    assert choice.figure < SPECIFICITY_THRESHOLD
+    assert "guided" not in choice.figures  # never needed to look further
+
+
+def test_a_first_layer_unit_is_the_filter_under_every_rule_and_the_paper_rule_is_kept():
+    model = quiet("zfnet", width_mult=0.25, input_size=112)
+    x = photos(model, 3, 112)
+    choice = choose_rule(model, x, "conv1")
+    assert choice.figures["deconvnet"] == pytest.approx(1.0, abs=1e-6)
+    assert choice.rule == "deconvnet" and "no rule is image-specific" in choice.reason
+    assert choice.warning is not None and "conv1" in choice.warning
+
+
+def test_requested_rule_is_kept_and_measured():
+    model = quiet("efficientnet_lite0")
+    x = photos(model, 2, 64)
+    choice = choose_rule(model, x, "blocks.2", "deconvnet")
+    assert choice.rule == "deconvnet" and choice.reason == "requested"
+    assert choice.figure == pytest.approx(1.0, abs=1e-6) and choice.warning is not None

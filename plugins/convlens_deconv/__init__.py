@@ -6,6 +6,8 @@ filter diagnostics (Fig. 6).
     from convlens_deconv import project, project_strongest, Seed, mine_topk
 
     proj = project_strongest(model, x, "conv5", channel=12)        # [N, 3, H, W]
+    proj = project(model, x, "blocks.5", seeds, rule="guided")      # deconvnet|guided|gradient
+    choice = choose_rule(model, photos, "blocks.5")                # auto: measured, with reason
     top = mine_topk(model, "conv5", "photos/", channels=range(16), k=9)
 
 Registered as the ``deconv`` probe (``convlens probe deconv``) through the ``convlens``
@@ -25,8 +27,8 @@ from convlens_deconv._chain import (
 from convlens_deconv._evolution import evolve, feature_evolution
 from convlens_deconv._figures import default_poster_layers
 from convlens_deconv._filters import band_energies, filter_diagnostics
-from convlens_deconv._general import RECTIFIERS, DeconvMode
-from convlens_deconv._mining import TopK, merge_topk, mine_topk
+from convlens_deconv._general import RECTIFIERS, RULES, DeconvMode
+from convlens_deconv._mining import TopK, merge_topk, mine_topk, mine_topk_layers
 from convlens_deconv._probe import DeconvProbe
 from convlens_deconv._project import (
     Projection,
@@ -36,6 +38,13 @@ from convlens_deconv._project import (
     project,
     project_strongest,
     strongest_seeds,
+)
+from convlens_deconv._specificity import (
+    RULE_CHOICES,
+    SPECIFICITY_THRESHOLD,
+    RuleChoice,
+    choose_rule,
+    image_specificity,
 )
 
 __all__ = [
@@ -49,6 +58,13 @@ __all__ = [
     "strongest_seeds",
     "layer_activation",
     "mine_topk",
+    "mine_topk_layers",
+    "choose_rule",
+    "image_specificity",
+    "RuleChoice",
+    "RULES",
+    "RULE_CHOICES",
+    "SPECIFICITY_THRESHOLD",
     "merge_topk",
     "TopK",
     "filter_diagnostics",

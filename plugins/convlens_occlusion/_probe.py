@@ -247,14 +247,14 @@ class OcclusionProbe(convlens.Probe):
         x, paths, names = d["inputs"], d["paths"], d["names"]
         pre = ctx.preprocess
         figures, rows = [], []
-        projections, note = _deconv_projections(ctx, x, res)
+        projections, note, rule = _deconv_projections(ctx, x, res)
         for i, p in enumerate(paths):
             image = pre.denormalize(x[i]).permute(1, 2, 0).numpy()
             proj = None if projections is None else projections[i]
             arr = figure(
                 image, res.grid, res.prob_target[i], res.feature_activity[i], res.top_class[i],
                 names, int(res.targets[i]), res.layer, int(res.channels[i]), d["fill_rgb"],
-                proj, Path(p).name,
+                proj, Path(p).name, rule,
             )  # fmt: skip
             fname = f"occlusion_{i:02d}_{Path(p).stem}.png"
             save_png(arr, ctx.out_dir / fname)
@@ -321,43 +321,62 @@ def describe_path(path: dict[str, Any]) -> str:
 
 
 def _deconv_projections(ctx: ProbeContext, x: torch.Tensor, res: OcclusionMaps):
-    """Panel (c): the deconv probe's projection of each image's map (at its strongest unit), or
-    (None, why not). One batched call of the deconv plugin's ``project`` with one seed per image
-    where it offers that API, else ``project_strongest`` image by image."""
+    """Panel (c): the deconv probe's projection of each image's map (at its strongest unit) with
+    the backward rule the deconv probe would choose (``auto``: measured image_specificity), or
+    (None, why not, None). One batched call of the deconv plugin's ``project``."""
     if ctx.probes is None or "deconv" not in ctx.probes:
-        return None, "the deconv probe is not installed"
+        return None, "the deconv probe is not installed", None
     try:
         import convlens_deconv as deconv
     except ImportError as exc:
-        return None, f"the deconv probe cannot be imported ({exc})"
-    if not hasattr(deconv, "project_strongest"):
-        return None, "the deconv probe offers no project_strongest"
-    from convlens.render import contrast_stretch
+        return None, f"the deconv probe cannot be imported ({exc})", None
+    needed = ("project", "Seed", "layer_activation", "choose_rule")
+    full_api = all(hasattr(deconv, a) for a in needed)
+    if not full_api and not hasattr(deconv, "project_strongest"):
+        return None, "the deconv probe offers no project_strongest", None
+    from convlens.render import robust_stretch
 
     xs = x.to(ctx.device)
+    if not full_api:  # the minimal contract: project_strongest, image by image, its own rule
+        try:
+            projections = torch.cat([
+                deconv.project_strongest(ctx.model, xs[i : i + 1], res.layer,
+                                         int(res.channels[i]))
+                for i in range(x.shape[0])
+            ])  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - another plugin's failure must not sink this
+            msg = f"deconv projection failed: {type(exc).__name__}: {exc}"
+            warnings.warn(f"occlusion: panel (c) omitted, {msg}", stacklevel=2)
+            return None, msg, None
+        arrs = [p.detach().cpu().float().numpy() for p in projections]
+        return [robust_stretch(a).transpose(1, 2, 0) for a in arrs], None, None
     try:
+        ref = xs
+        if xs.shape[0] < 2:  # the rule check needs a few different photos
+            from convlens.data import default_images, load_batch
+
+            ref, _ = load_batch(default_images()[:4], ctx.preprocess)
+            ref = ref.to(ctx.device)
+        choice = deconv.choose_rule(ctx.model, ref[:4], res.layer)
+        fig = "n/a" if choice.figure is None else f"{choice.figure:.2f}"
+        ctx.note(f"occlusion panel (c) at {res.layer}: rule {choice.rule} (image_specificity "
+                 f"{fig}): {choice.reason}")  # fmt: skip
         with ctx.progress("occlusion: deconv panel (c)", x.shape[0]) as advance:
-            if all(hasattr(deconv, a) for a in ("project", "Seed", "layer_activation")):
-                act = deconv.layer_activation(ctx.model, xs, res.layer)
-                seeds = []
-                for i, c in enumerate(res.channels.tolist()):
-                    y, x0 = divmod(int(act[i, c].reshape(-1).argmax()), act.shape[-1])
-                    seeds.append(deconv.Seed(i, int(c), y, x0))
-                proj = deconv.project(ctx.model, xs, res.layer, seeds, progress=advance)
-                projections = proj.projections
-            else:
-                projections = torch.cat([
-                    deconv.project_strongest(ctx.model, xs[i : i + 1], res.layer,
-                                             int(res.channels[i]))
-                    for i in range(x.shape[0])
-                ])  # fmt: skip
-                advance(x.shape[0])
+            act = deconv.layer_activation(ctx.model, xs, res.layer)
+            seeds = []
+            for i, c in enumerate(res.channels.tolist()):
+                y, x0 = divmod(int(act[i, c].reshape(-1).argmax()), act.shape[-1])
+                seeds.append(deconv.Seed(i, int(c), y, x0))
+            proj = deconv.project(ctx.model, xs, res.layer, seeds, rule=choice.rule,
+                                  progress=advance)  # fmt: skip
+            projections = proj.projections
     except Exception as exc:  # noqa: BLE001 - another plugin's failure must not sink this one
         msg = f"deconv projection failed: {type(exc).__name__}: {exc}"
         warnings.warn(f"occlusion: panel (c) omitted, {msg}", stacklevel=2)
-        return None, msg
+        return None, msg, None
     out = []
     for i in range(x.shape[0]):
-        arr = projections[i].detach().cpu().float().permute(1, 2, 0).numpy()
-        out.append(contrast_stretch(arr, percentile=0.5))
-    return out, None
+        arr = projections[i].detach().cpu().float().numpy()
+        out.append(robust_stretch(arr).transpose(1, 2, 0))
+    return out, None, choice.rule
+

@@ -79,6 +79,7 @@ def figure(
     fill_rgb: Sequence[float],
     projection: np.ndarray | None,
     title: str,
+    rule: str | None = None,
 ) -> np.ndarray:
     """The row of Fig. 7 for one image as an RGB float array ``[H, W, 3]``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -117,7 +118,7 @@ def figure(
         f"(b) {layer} map {channel}: {feature.min():.3g} to {feature.max():.3g}",
     ]
     if projection is not None:
-        titles.append(f"(c) deconv projection of map {channel}")
+        titles.append(f"(c) {rule or 'deconv'} projection of map {channel}")
     titles += [
         f"(d) p({short_name(names[target])}): {prob.min():.3g} to {prob.max():.3g}",
         "(e) most probable class",

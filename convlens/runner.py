@@ -63,7 +63,8 @@ def load_model(
     from convlens import models as model_zoo
 
     if isinstance(name, nn.Module):
-        model, label = name, type(name).__name__
+        info = getattr(name, "convlens_info", None)
+        model, label = name, (getattr(info, "name", None) or type(name).__name__)
         if weights is not None:
             model_zoo.load_weights(model, weights)
     else:

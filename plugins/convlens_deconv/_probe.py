@@ -31,7 +31,7 @@ from torch import nn
 
 import convlens
 from convlens.data import Preprocess, find_images, load_image
-from convlens.engine import depth_layers, resolve_layer, trace_model
+from convlens.engine import depth_layers, resolve_layer, trace_model, unsaturated
 from convlens.errors import ConvlensError
 from convlens.io import save_npz, write_json
 from convlens.options import parse_int_list, parse_str_list
@@ -226,7 +226,14 @@ class DeconvProbe(convlens.Probe):
         # the layers ---------------------------------------------------------------------------
         rec = trace_model(model, bank.example())
         if requested:
-            layers = requested
+            layers = []
+            for lay in requested:
+                sub = unsaturated(rec, lay)
+                if sub != lay:
+                    ctx.note(f"deconv {lay}: ends in a rectifier with a ceiling (ReLU6); its "
+                             "strongest activations tie there and guided backprop projects "
+                             f"them to zero: mining and projecting its input {sub} instead")  # fmt: skip
+                layers.append(sub)
         else:
             layers = [lay for lay, _ in depth_layers(model, rec=rec)]
         order = {lay: rec.layer(lay).index for lay in layers}

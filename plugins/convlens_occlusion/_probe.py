@@ -357,17 +357,22 @@ def _deconv_projections(ctx: ProbeContext, x: torch.Tensor, res: OcclusionMaps):
 
             ref, _ = load_batch(default_images()[:4], ctx.preprocess)
             ref = ref.to(ctx.device)
-        choice = deconv.choose_rule(ctx.model, ref[:4], res.layer)
+        from convlens.engine import trace_model, unsaturated
+
+        # a ReLU6 output's strongest units sit at the ceiling, where guided projects zero: seed
+        # the same channel at the ReLU6's input instead
+        layer = unsaturated(trace_model(ctx.model, xs[:1]), res.layer)
+        choice = deconv.choose_rule(ctx.model, ref[:4], layer)
         fig = "n/a" if choice.figure is None else f"{choice.figure:.2f}"
-        ctx.note(f"occlusion panel (c) at {res.layer}: rule {choice.rule} (image_specificity "
+        ctx.note(f"occlusion panel (c) at {layer}: rule {choice.rule} (image_specificity "
                  f"{fig}): {choice.reason}")  # fmt: skip
         with ctx.progress("occlusion: deconv panel (c)", x.shape[0]) as advance:
-            act = deconv.layer_activation(ctx.model, xs, res.layer)
+            act = deconv.layer_activation(ctx.model, xs, layer)
             seeds = []
             for i, c in enumerate(res.channels.tolist()):
                 y, x0 = divmod(int(act[i, c].reshape(-1).argmax()), act.shape[-1])
                 seeds.append(deconv.Seed(i, int(c), y, x0))
-            proj = deconv.project(ctx.model, xs, res.layer, seeds, rule=choice.rule,
+            proj = deconv.project(ctx.model, xs, layer, seeds, rule=choice.rule,
                                   progress=advance)  # fmt: skip
             projections = proj.projections
     except Exception as exc:  # noqa: BLE001 - another plugin's failure must not sink this one

@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/deconv.py --part projection     # 96 projections vs Captum
     .venv/bin/python benchmarks/deconv.py --part mining         # top-k mining vs plain forward
     .venv/bin/python benchmarks/deconv.py --part rss            # peak RSS, 200 vs 2,000 images
+    .venv/bin/python benchmarks/deconv.py --part rules          # every rule vs its Captum twin
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/deconv.py     # steadier on a shared machine
 
 1. **projection** — zfnet (Fig. 3, seeded random weights, with its contrast normalisation), the 6
@@ -23,6 +24,16 @@
    2,000 synthetic 48×48 PNGs at 112×112 input (tiny convnet, streaming; holding the 2,000 inputs
    would take 301 MB): memory is bounded by k × channels, not by
    the number of images. Linux only (reads ``/proc/self/status``).
+
+4. **rules** — every backward rule against Captum's per-neuron loop for the same quantity, on two
+   models: zfnet conv5 (chain form; the top-8 of channels 0–11 over the 12 inputs, 96
+   activations, ``mode="captum"``) and pretrained efficientnet_lite0 ``blocks.5`` (general form;
+   the strongest unit of channels 0–7 in each of the 6 photos, 48 activations). ``deconvnet`` vs
+   ``NeuronDeconvolution``, ``guided`` vs ``NeuronGuidedBackprop``, ``gradient`` vs
+   ``NeuronGradient``; for efficientnet_lite0 Captum runs on a copy whose ``nn.ReLU6`` are
+   ``nn.ReLU`` subclasses computing ReLU6 (Captum only hooks ``nn.ReLU``; on that copy its
+   deconvolution and guided backprop are the ReLU6-aware rules). Agreement and the ratio printed
+   per rule.
 
 The machine these numbers come from may be shared: times are noisy, ratios within one process are
 the meaningful part. Every timed call is preceded by an untimed warm-up.
@@ -338,9 +349,82 @@ def bench_rss() -> None:
         )
 
 
+class _ReLU6AsReLU(torch.nn.ReLU):
+    """An ``nn.ReLU`` computing ReLU6, so that Captum's ReLU hooks apply to efficientnet_lite0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(0.0, 6.0)
+
+
+def _relu6_as_relu(model):
+    import copy
+
+    twin = copy.deepcopy(model)
+    for parent in list(twin.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.ReLU6):
+                setattr(parent, name, _ReLU6AsReLU())
+    return twin
+
+
+def bench_rules() -> None:
+    from captum.attr import NeuronDeconvolution, NeuronGradient, NeuronGuidedBackprop
+    from convlens_deconv import Seed, layer_activation, mine_topk, project
+
+    from convlens.engine import resolve_layer
+    from convlens.models import create_model
+
+    torch.manual_seed(0)
+    zf = create_model("zfnet").eval()
+    xz = _photos(zf)
+    top = mine_topk(zf, "conv5", xz, channels=range(12), k=8)
+    zseeds = [Seed(e["image"], e["channel"], e["y"], e["x"]) for e in top.entries()]
+    lite = create_model("efficientnet_lite0").eval()
+    xl = _photos(lite)[:6]
+    act = layer_activation(lite, xl, "blocks.5")
+    lseeds = []
+    for i in range(xl.shape[0]):
+        for c in range(8):
+            y, xx = divmod(int(act[i, c].argmax()), act.shape[-1])
+            lseeds.append(Seed(i, c, y, xx))
+    twin = _relu6_as_relu(lite)
+    cases = [
+        ("zfnet", zf, zf, xz, "conv5", zseeds, "captum"),
+        ("efficientnet_lite0", lite, twin, xl, "blocks.5", lseeds, "paper"),
+    ]
+    refs = {"deconvnet": NeuronDeconvolution, "guided": NeuronGuidedBackprop,
+            "gradient": NeuronGradient}  # fmt: skip
+    for label, model, ref_model, x, layer, seeds, mode in cases:
+        module = ref_model.get_submodule(resolve_layer(ref_model, layer).name)
+        print(f"{label} {layer}: {len(seeds)} activations, threads {torch.get_num_threads()}")
+        for rule, cls in refs.items():
+            target = model if rule == "gradient" else ref_model
+            attr = cls(target, target.get_submodule(resolve_layer(target, layer).name))
+            project(model, x, layer, seeds[:2], mode=mode, start="one", rule=rule)  # warm-up
+            attr.attribute(x[:1], neuron_selector=(0, 0, 0))
+            t = _now()
+            ours = project(model, x, layer, seeds, mode=mode, start="one", rule=rule)
+            t_ours = _now() - t
+            t = _now()
+            ref = torch.stack([
+                attr.attribute(x[s.image : s.image + 1], neuron_selector=(s.channel, s.y, s.x))[0]
+                for s in seeds
+            ])  # fmt: skip
+            t_cap = _now() - t
+            err = float((ours.projections - ref).abs().max() / ref.abs().max())
+            print(
+                f"  {rule:9s} [{ours.method:7s}] convlens {t_ours:6.2f} s  Captum "
+                f"{cls.__name__} x {len(seeds)} {t_cap:6.2f} s  ratio {t_cap / t_ours:5.1f}x  "
+                f"max|diff|/max|Captum| {err:.1e} {'OK' if err <= 1e-5 else 'MISMATCH'}"
+            )
+        del module
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("projection", "mining", "rss", "all"), default="all")
+    ap.add_argument(
+        "--part", choices=("projection", "mining", "rss", "rules", "all"), default="all"
+    )
     args = ap.parse_args()
     print(f"load average: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (shared machine)")
     if args.part in ("projection", "all"):
@@ -352,6 +436,9 @@ def main() -> None:
     if args.part in ("rss", "all"):
         print("== 3. mining memory, streaming a folder ==")
         bench_rss()
+    if args.part in ("rules", "all"):
+        print("== 4. every backward rule vs its Captum per-neuron loop ==")
+        bench_rules()
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from convlens.engine import LayerCall, PoolSwitch, Recording
-from convlens_deconv._general import RECTIFIERS, local_slope
+from convlens_deconv._general import RECTIFIERS, module_slope
 
 __all__ = ["ChainPlan", "ChainStep", "build_chain_plan", "reverse_chain", "unpool"]
 
@@ -73,11 +73,11 @@ class ChainStep:
     input_name: str | None = None  # the layer whose output is this step's input (LRN vjp)
     pool: tuple = ()  # unpool: (kernel, stride, dilation) from the recorded switches
 
-    def op(self):
-        """The rectifier's forward as a function of its input (guided / gradient rules)."""
+    def op(self) -> nn.Module:
+        """The rectifier as a module (guided / gradient rules; functional relu/relu6 too)."""
         if self.module is not None:
             return self.module
-        return F.relu if self.call.type == "relu" else F.relu6
+        return nn.ReLU() if self.call.type == "relu" else nn.ReLU6()
 
 
 @dataclass
@@ -275,16 +275,24 @@ def gather_window(
     w: int,
     fill: float | int = 0,
 ) -> torch.Tensor:
-    """``full[rows[s], :, oy[s]:oy[s]+h, ox[s]:ox[s]+w]`` for every s; ``fill`` outside the map."""
+    """``full[rows[s], :, oy[s]:oy[s]+h, ox[s]:ox[s]+w]`` for every s; ``fill`` outside the map.
+    One advanced-indexing gather (no Python loop over the windows, no padded copy)."""
     S = rows.numel()
-    H, W = full.shape[-2:]
-    out = torch.full((S, full.shape[1], h, w), fill, dtype=full.dtype, device=full.device)
-    for s, (r, y, x) in enumerate(zip(rows.tolist(), oy.tolist(), ox.tolist(), strict=True)):
-        y0, y1, a, b = _span(y, h, H)
-        x0, x1, c, d = _span(x, w, W)
-        if a < b and c < d:
-            out[s, :, a:b, c:d] = full[r, :, y0:y1, x0:x1]
-    return out
+    N, C, H, W = full.shape
+    if S == 0:
+        return full.new_full((0, C, h, w), fill)
+    dev = full.device
+    ys = oy.to(dev)[:, None] + torch.arange(h, device=dev)[None]  # [S, h]
+    xs = ox.to(dev)[:, None] + torch.arange(w, device=dev)[None]  # [S, w]
+    vy, vx = (ys >= 0) & (ys < H), (xs >= 0) & (xs < W)
+    r = rows.to(dev)[:, None, None]
+    out = full.permute(0, 2, 3, 1)[
+        r, ys.clamp(0, H - 1)[:, :, None], xs.clamp(0, W - 1)[:, None, :]
+    ]  # [S, h, w, C]
+    if not bool(vy.all() and vx.all()):
+        valid = (vy[:, :, None] & vx[:, None, :])[..., None]
+        out = torch.where(valid, out, torch.as_tensor(fill, dtype=out.dtype, device=dev))
+    return out.permute(0, 3, 1, 2).contiguous()
 
 
 def paste(g: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -434,14 +442,18 @@ def reverse_chain(
         if kind == "rectify":
             if rule == "deconvnet":
                 g = g.clamp_(min=0)
-            else:  # the forward op's slope on this window of its recorded input
-                x_in = rec.activations[step.input_name]
+            else:  # the forward op's slope at its recorded input, on this window
+                key = ("slope", rule, call.name)
+                if key not in cache:  # once per recording, shared by every batch of seeds
+                    full = rec.activations[step.input_name].to(g.dtype)
+                    slope = module_slope(step.op(), full)
+                    cache[key] = slope if rule == "gradient" else slope.clamp_(min=0)
+                slope = cache[key]
                 if g.dim() == 4:
-                    x_in = gather_window(x_in.to(g.dtype), rows, oy, ox, *g.shape[-2:])
+                    slope = gather_window(slope, rows, oy, ox, *g.shape[-2:])
                 else:
-                    x_in = x_in[rows].to(g.dtype)
-                slope = local_slope(step.op(), x_in)
-                g = g * slope if rule == "gradient" else g.clamp_(min=0) * slope.clamp_(min=0)
+                    slope = slope[rows]
+                g = g * slope if rule == "gradient" else g.clamp_(min=0) * slope
         elif kind == "identity":
             pass
         elif kind == "unpool":

@@ -59,7 +59,7 @@ from torch.overrides import TorchFunctionMode
 
 from convlens.engine.capture import function_name
 
-__all__ = ["DeconvMode", "RECTIFIERS", "MODES", "RULES", "local_slope"]
+__all__ = ["DeconvMode", "RECTIFIERS", "MODES", "RULES", "local_slope", "module_slope"]
 
 #: Normalised op names whose backward becomes ``relu(grad_out)``.
 RECTIFIERS = frozenset(
@@ -97,6 +97,20 @@ class _Rectify(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad.clamp(min=0), None
+
+
+def module_slope(m, x: torch.Tensor) -> torch.Tensor:
+    """``f'(x)`` of a rectifier module (closed forms for ReLU, ReLU6/Hardtanh, LeakyReLU; the
+    module's own autograd derivative otherwise). The chain form's guided/gradient rules use it."""
+    from torch import nn
+
+    if isinstance(m, nn.ReLU):
+        return (x > 0).to(x.dtype)
+    if isinstance(m, nn.Hardtanh):  # nn.ReLU6 is a Hardtanh(0, 6)
+        return ((x > m.min_val) & (x < m.max_val)).to(x.dtype)
+    if isinstance(m, nn.LeakyReLU):
+        return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, m.negative_slope))
+    return local_slope(m, x)
 
 
 def _gate(name: str, x: torch.Tensor, rest: tuple, kw: dict, fn) -> torch.Tensor:

@@ -611,8 +611,9 @@ class DeconvProbe(convlens.Probe):
                 _figure(
                     "deconv/poster_layers.png",
                     "The strongest activation of each layer in each image, projected to pixels "
-                    "with that layer's rule (whole image, each projection contrast-normalised on "
-                    "its own); first column: the image.",
+                    "with that layer's rule, cut to the unit's crop (receptive field, or where 90% "
+                    "of the projections' mass lies) and contrast-normalised on its own; first "
+                    "column: the image.",
                 )
             )
         # Fig. 6 filters (and the compared model's)

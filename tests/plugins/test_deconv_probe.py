@@ -309,3 +309,51 @@ def test_cli_probe_deconv_on_zfnet_mini(tmp_path, images):
     h, w = doc["layers"][-1]["crop_size"]
     assert npz["layer4_projections"].shape == (3, 3, h, w)
     assert npz["fixed_inputs"].shape == (1, 3, 224, 224)
+
+
+def test_no_images_mines_the_embedded_set_and_the_poster_uses_the_bundled_photos(
+    tmp_path, monkeypatch
+):
+    from convlens.data import default_images
+
+    monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
+    res = convlens.run_probe(
+        "deconv", tiny(), out=tmp_path, overview=False, device="cpu", top=9,
+        render_channels=2, poster_images=3,
+    )  # fmt: skip
+    doc = res.data["doc"]
+    assert doc["mining"]["source"] == "embedded mining set"
+    assert doc["mining"]["images"] >= 500
+    assert doc["fixed_images"] == [str(p) for p in default_images()[:3]]
+    for ld in doc["layers"]:
+        assert ld["distinct_images"] == 9  # top-9 from 9 different images
+        assert len(ld["channels"]) == 2
+        tops = [e for e in doc["projections"] if e["kind"] == "topk" and e["layer"] == ld["layer"]]
+        for ch in ld["channels"]:
+            imgs = [e["image"] for e in tops if e["channel"] == ch]
+            assert len(imgs) == len(set(imgs)) == 9
+            assert all("mining-v1" in i for i in imgs)
+
+
+def test_fig2_has_no_empty_rows_and_says_when_fewer_than_k_images_exist(tmp_path, images):
+    from convlens_deconv._probe import _fig2_text
+    from convlens_deconv._render import UnitTiles, fig2_canvas
+
+    res = convlens.run_probe(
+        "deconv", tiny(), images=[images], out=tmp_path, overview=False, device="cpu",
+        layer="conv3", top=9, channels="0,1", poster=False,
+    )  # fmt: skip
+    doc = res.data["doc"]
+    ld = doc["layers"][0]
+    assert ld["distinct_images"] == 3  # the fixture holds 3 images
+    title, caption = _fig2_text(doc, ld, "tiny", 2, 3)
+    assert any("Only 3 distinct image(s)" in c for c in caption)
+    assert "conv3" in title[0] and f"rule: {ld['rule']}" in title[1]
+    tile = np.zeros((10, 10, 3))
+    one_row = fig2_canvas([UnitTiles(0, [tile] * 3, [tile] * 3, [1.0] * 3)], title, caption)
+    three_rows = fig2_canvas([UnitTiles(0, [tile] * 9, [tile] * 9, [1.0] * 9)], title, caption)
+    assert three_rows.height - one_row.height == 2 * (10 + 2)  # two more rows of tiles, no more
+    from PIL import Image
+
+    png = Image.open(tmp_path / "deconv" / "fig2_0_conv3.png")
+    assert png.mode == "RGB" and png.width >= 520

@@ -205,3 +205,21 @@ def test_unknown_rule_is_a_one_line_error():
     x = torch.randn(1, *shape[1:])
     with pytest.raises(ConvlensError, match="rule 'guidd'"):
         project(model, x, "conv2", [Seed(0, 0, 0, 0)], rule="guidd")
+
+
+def test_gather_window_equals_naive_slicing_with_fill_outside():
+    from convlens_deconv._chain import gather_window
+
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(3, 4, 9, 7, generator=g)
+    rows = torch.tensor([0, 2, 1, 2])
+    oy = torch.tensor([-3, 2, 6, 0])
+    ox = torch.tensor([1, -2, 4, 5])
+    got = gather_window(full, rows, oy, ox, 5, 4, fill=-1.0)
+    for s in range(4):
+        for i in range(5):
+            for j in range(4):
+                y, x = int(oy[s]) + i, int(ox[s]) + j
+                inside = 0 <= y < 9 and 0 <= x < 7
+                want = full[rows[s], :, y, x] if inside else torch.full((4,), -1.0)
+                torch.testing.assert_close(got[s, :, i, j], want)

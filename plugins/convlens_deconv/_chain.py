@@ -274,6 +274,7 @@ def gather_window(
     h: int,
     w: int,
     fill: float | int = 0,
+    contiguous: bool = True,
 ) -> torch.Tensor:
     """``full[rows[s], :, oy[s]:oy[s]+h, ox[s]:ox[s]+w]`` for every s; ``fill`` outside the map.
     One advanced-indexing gather (no Python loop over the windows, no padded copy)."""
@@ -292,7 +293,8 @@ def gather_window(
     if not bool(vy.all() and vx.all()):
         valid = (vy[:, :, None] & vx[:, None, :])[..., None]
         out = torch.where(valid, out, torch.as_tensor(fill, dtype=out.dtype, device=dev))
-    return out.permute(0, 3, 1, 2).contiguous()
+    out = out.permute(0, 3, 1, 2)
+    return out.contiguous() if contiguous else out
 
 
 def paste(g: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -446,14 +448,24 @@ def reverse_chain(
                 key = ("slope", rule, call.name)
                 if key not in cache:  # once per recording, shared by every batch of seeds
                     full = rec.activations[step.input_name].to(g.dtype)
-                    slope = module_slope(step.op(), full)
-                    cache[key] = slope if rule == "gradient" else slope.clamp_(min=0)
+                    op = step.op()
+                    slope = module_slope(op, full)
+                    if isinstance(op, (nn.ReLU, nn.Hardtanh)):  # 0/1: keep a boolean gate
+                        slope = slope > 0
+                    elif rule == "guided":
+                        slope = slope.clamp_(min=0)
+                    cache[key] = slope
                 slope = cache[key]
                 if g.dim() == 4:
-                    slope = gather_window(slope, rows, oy, ox, *g.shape[-2:])
+                    slope = gather_window(slope, rows, oy, ox, *g.shape[-2:], contiguous=False)
                 else:
                     slope = slope[rows]
-                g = g * slope if rule == "gradient" else g.clamp_(min=0) * slope
+                if rule == "guided":
+                    g = g.clamp_(min=0)
+                if slope.dtype == torch.bool:
+                    g = g.masked_fill_(~slope, 0.0)
+                else:
+                    g = g.mul_(slope)
         elif kind == "identity":
             pass
         elif kind == "unpool":

@@ -197,7 +197,7 @@ class DeconvProbe(convlens.Probe):
         pre = ctx.preprocess or Preprocess.for_model(model)
         ctx.preprocess = pre
         info = getattr(model, "convlens_info", None)
-        requested = parse_str_list(o["layer"]) if o["layer"] else []
+        requested = list(dict.fromkeys(parse_str_list(o["layer"]))) if o["layer"] else []
         for lay in requested:
             resolve_layer(model, lay)  # a misspelt layer fails before any work
         timings: dict[str, float] = {}

@@ -69,3 +69,16 @@ def isolated_host(monkeypatch):
         return host
 
     yield make
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """The embedded mining set (and any other cache) goes to a folder of this test session, not
+    the user's ~/.cache (subprocesses inherit the variable)."""
+    old = os.environ.get("CONVLENS_CACHE")
+    os.environ["CONVLENS_CACHE"] = str(tmp_path_factory.mktemp("convlens-cache"))
+    yield
+    if old is None:
+        os.environ.pop("CONVLENS_CACHE", None)
+    else:
+        os.environ["CONVLENS_CACHE"] = old

@@ -83,16 +83,21 @@ def local_slope(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
     return g.detach()
 
 
+def _run(ctx, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Run the original op inside a custom Function's forward, in place if it was."""
+    out = fn(x)
+    if out.data_ptr() == x.data_ptr() and out.shape == x.shape:  # the op ran in place
+        ctx.mark_dirty(x)
+        return x
+    return out
+
+
 class _Rectify(torch.autograd.Function):
     """Forward: the original op (in place if it was). Backward: ``relu(grad_out)``."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]):
-        out = fn(x)
-        if out.data_ptr() == x.data_ptr() and out.shape == x.shape:  # the op ran in place
-            ctx.mark_dirty(x)
-            return x
-        return out
+        return _run(ctx, x, fn)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -133,11 +138,7 @@ class _Guided(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], gate_fn):
         gate = gate_fn(x)
         ctx.save_for_backward(gate)
-        out = fn(x)
-        if out.data_ptr() == x.data_ptr() and out.shape == x.shape:
-            ctx.mark_dirty(x)
-            return x
-        return out
+        return _run(ctx, x, fn)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -150,11 +151,7 @@ class _PassThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]):
-        out = fn(x)
-        if out.data_ptr() == x.data_ptr() and out.shape == x.shape:
-            ctx.mark_dirty(x)
-            return x
-        return out
+        return _run(ctx, x, fn)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -22,12 +22,7 @@ from convlens.testing import tiny_model
 PRE = Preprocess(input_size=(32, 32), resize=32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _folder(root: Path, n: int, size: int = 32, seed: int = 0) -> Path:

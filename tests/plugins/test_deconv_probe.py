@@ -23,13 +23,7 @@ from convlens.render.crops import cut
 from convlens.testing import tiny_model
 from tests.conftest import run_cli
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(seed: int = 0, lrn: bool = False):

@@ -22,14 +22,6 @@ from convlens.data import Preprocess, default_images, load_batch
 from convlens.testing import tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
-
-
 def quiet(name: str, **kwargs) -> nn.Module:
     from convlens.models import create_model
 

@@ -986,8 +986,9 @@ def _poster_png(doc, arrays, fixed_inputs, pre, model_label: str):
     for li, (lay, rule) in enumerate(zip(layers, poster["rules"], strict=True)):
         e = entries[li * n_img]
         crop = e["receptive_field"]["crop"]
-        short = lay if len(lay) <= size // 7 else "…" + lay[-(size // 7 - 1) :]
-        columns.append(f"{short}\n{rule}, crop {crop[2] - crop[0]} px")
+        room = int(size / 4.6)  # characters of a 6 pt line in one column
+        short = lay if len(lay) <= room else lay[: room - 1] + "…"
+        columns.append(f"layer {li + 1}\n{short}\n{rule}, crop {crop[2] - crop[0]} px")
     title = [
         f"Strongest activation per layer · {model_label}",
         "each cell: the strongest unit (#channel, activation) of that layer in that image, "

@@ -176,7 +176,7 @@ def poster_canvas(
     """The poster: a row per image — the image, then its strongest unit in each layer projected
     to pixels; a header per column (``columns``), a label per cell (``labels``)."""
     size = images[0].shape[0]
-    pad, margin, head = 4, 10, 30
+    pad, margin, head = 4, 10, 40
     ncol = 1 + len(columns)
     width = max(ncol * (size + pad) - pad + 2 * margin, 520)
     c = Canvas(width, head + len(images) * (size + pad) + margin)
@@ -185,8 +185,8 @@ def poster_canvas(
         c.title(line, size=8, weight="normal")
     heads = ["image", *columns]
     for k, h in enumerate(heads):
-        for n, line in enumerate(h.split("\n")[:2]):
-            c.text(margin + k * (size + pad) + size / 2, 2 + n * 12, line, size=6.5 if n else 7,
+        for n, line in enumerate(h.split("\n")[:3]):
+            c.text(margin + k * (size + pad) + size / 2, 1 + n * 12, line, size=6 if n else 7,
                    ha="center", weight="bold" if n == 0 else "normal")  # fmt: skip
     for r, img in enumerate(images):
         y = head + r * (size + pad)

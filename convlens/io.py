@@ -13,9 +13,41 @@ from typing import IO, Any
 
 import numpy as np
 
-__all__ = ["atomic_path", "atomic_open", "write_json", "write_text", "save_npz", "SCHEMA_VERSION"]
+__all__ = [
+    "atomic_path",
+    "atomic_open",
+    "write_json",
+    "write_text",
+    "save_npz",
+    "check_writable_dir",
+    "SCHEMA_VERSION",
+]
 
 SCHEMA_VERSION = 1
+
+
+def check_writable_dir(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Make sure ``path`` is a folder this process can write into (creating it), before any
+    work; otherwise a one-line :class:`~convlens.errors.ConvlensError` naming the folder (a
+    file in the way, no permission, a read-only file system)."""
+    from convlens.errors import ConvlensError
+
+    path = Path(path)
+    for parent in (path, *path.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ConvlensError(f"{what} {path}: {parent} is a file, not a folder")
+        if parent.exists():
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".convlens-write-check.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConvlensError(
+            f"{what} {path}: cannot write there ({exc.strerror or type(exc).__name__})"
+        ) from None
+    return path
 
 
 def _umask() -> int:

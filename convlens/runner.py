@@ -209,11 +209,13 @@ def run_probe(
 ) -> ProbeResult:
     """Run one registered probe and write its files, its report section and the report."""
     from convlens.data import default_images
+    from convlens.io import check_writable_dir
     from convlens.plugins import get_host
 
     host = host or get_host()
     probe_cls = host.probes.get(probe)
     opts = parse_options(probe_cls.options, options)
+    check_writable_dir(out)  # before any work: a file in the way or no permission is exit 2
     dev = resolve_device(device)
     seed_everything(seed)
     net, label = load_model(model, weights=weights, device=dev, host=host)

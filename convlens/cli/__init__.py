@@ -61,7 +61,35 @@ def build_app() -> typer.Typer:
     return app
 
 
+#: Options that take several values after one flag (``--images photos/*.jpg``, as a shell glob
+#: expands it); the repeated form (``--images a --images b``) works too.
+MULTI_VALUE = ("--images", "-i", "--checkpoints")
+
+
+def expand_multi(argv: list[str]) -> list[str]:
+    """``--images a b c`` → ``--images a --images b --images c``: every word after one of
+    :data:`MULTI_VALUE` up to the next word starting with ``-`` is another value of it."""
+    out: list[str] = []
+    flag: str | None = None
+    for word in argv:
+        if word == "--":
+            flag = None
+            out.append(word)
+        elif word in MULTI_VALUE:
+            flag = word
+            out.append(word)
+        elif flag is not None and not word.startswith("-"):
+            if out and out[-1] != flag:
+                out.append(flag)
+            out.append(word)
+        else:
+            flag = None
+            out.append(word)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     _console.install_warning_handler()
     app = build_app()
-    sys.exit(app(args=argv, prog_name="convlens", standalone_mode=True) or 0)
+    args = expand_multi(list(sys.argv[1:] if argv is None else argv))
+    sys.exit(app(args=args, prog_name="convlens", standalone_mode=True) or 0)

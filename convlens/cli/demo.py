@@ -28,12 +28,14 @@ def demo(
 ) -> None:
     """Run every installed probe with its defaults and write OUT/index.html."""
     from convlens.errors import ConvlensError
+    from convlens.io import check_writable_dir
     from convlens.options import parse_str_list
     from convlens.plugins import get_host
     from convlens.probe import ProbeContext
     from convlens.render.report import build_report
     from convlens.runner import load_model, resolve_device, run_probe, write_overview
 
+    check_writable_dir(out_dir)  # before any work
     host = get_host()
     names = parse_str_list(probes) or host.probes.names()
     for n in names:

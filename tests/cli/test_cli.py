@@ -151,3 +151,47 @@ def test_overview_streams_at_most_16_images(tmp_path):
     data = write_overview(ctx, tmp_path / "o")
     assert len(data["predictions"]) == 16
     assert data["predictions"][0]["image"].endswith("00.png") and data["random_weights"]
+
+
+def test_out_that_is_a_file_or_unwritable_exits_2_before_any_work(app, images, tmp_path,
+                                                                  monkeypatch):
+    blocker = tmp_path / "report.txt"
+    blocker.write_text("keep me")
+    base = ["probe", "echo", "--model", "zfnet", "--images", str(images)]
+    res = runner.invoke(app, [*base, "--out", str(blocker)])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "report.txt" in lines[0] and "is a file" in lines[0]
+    assert blocker.read_text() == "keep me"
+    res = runner.invoke(app, [*base, "--out", str(blocker / "sub")])
+    assert res.exit_code == 2 and "is a file" in res.output
+
+    import convlens.io
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(convlens.io.tempfile, "mkstemp", denied)
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "ro")])
+    assert res.exit_code == 2, res.output
+    assert "cannot write there (Permission denied)" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_several_paths_after_one_images_flag(tmp_path, images):
+    from convlens.cli import expand_multi
+    from tests.conftest import run_cli
+
+    assert expand_multi(["probe", "x", "--images", "a", "b", "-i", "c", "d", "--top", "2"]) == [
+        "probe", "x", "--images", "a", "--images", "b", "-i", "c", "-i", "d", "--top", "2",
+    ]  # fmt: skip
+    a, b, _ = sorted(images.iterdir())
+    res = run_cli(["probe", "deconv", "--model", "zfnet_mini", "--images", str(a), str(b),
+                   "--layer", "conv1", "--channels", "0", "--top", "1", "--no-poster",
+                   "--render-channels", "1", "--out", str(tmp_path / "o")],
+                  env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    import json
+
+    run = json.loads((tmp_path / "o" / "deconv" / "run.json").read_text())
+    assert run["images"] == [str(a), str(b)]

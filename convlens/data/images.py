@@ -208,9 +208,22 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
+def _walk(
+    folder: Path, recursive: bool, seen: set[tuple[int, int]] | None = None
+) -> Iterator[Path]:
     """Regular, non-hidden files under ``folder``, in a fixed order: each folder's files sorted
-    by name, then its sub-folders (sorted) depth-first. Symlinked folders are not followed."""
+    by name, then its sub-folders (sorted) depth-first. Symlinked folders are followed; each real
+    folder is walked once (``seen``: device and inode), so a link back to an ancestor — a loop —
+    or a second link to the same folder adds nothing."""
+    seen = set() if seen is None else seen
+    try:
+        st = os.stat(folder)
+    except OSError as exc:
+        raise ImageError(f"{folder}: cannot list folder ({_why(exc)})") from exc
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        return
+    seen.add(key)
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as exc:
@@ -220,7 +233,7 @@ def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
         if _is_hidden(entry.name):
             continue
         try:
-            if entry.is_dir(follow_symlinks=False):
+            if entry.is_dir():  # follows a symlink to a folder
                 subdirs.append(entry)
             elif entry.is_file():
                 yield Path(entry.path)
@@ -228,7 +241,12 @@ def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
             continue
     if recursive:
         for entry in subdirs:
-            yield from _walk(Path(entry.path), recursive)
+            try:
+                yield from _walk(Path(entry.path), recursive, seen)
+            except ImageError:
+                if not entry.is_symlink():
+                    raise
+                continue  # a dangling or unreadable link inside a folder: not a candidate
 
 
 def _check_exist(paths: list[Path]) -> None:

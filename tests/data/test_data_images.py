@@ -478,3 +478,22 @@ def test_load_images_passes_max_pixels(tmp_path: Path) -> None:
     with pytest.warns(SkippedImageWarning, match="big.png: skipped: 20x20"):
         loaded = load_images(tmp_path, max_pixels=100)
     assert [p.name for p, _ in loaded] == ["small.png"]
+
+
+def test_symlinked_sub_folders_are_followed_once_and_loops_end(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        _noise(8, 8, i).save(photos / f"p{i}.png")
+    top = tmp_path / "dir"
+    (top / "sub").mkdir(parents=True)
+    _noise(8, 8, 9).save(top / "own.png")
+    (top / "linked").symlink_to(photos, target_is_directory=True)
+    (top / "again").symlink_to(photos, target_is_directory=True)  # the same folder twice
+    (top / "sub" / "back").symlink_to(top, target_is_directory=True)  # a loop
+    (top / "dangling").symlink_to(tmp_path / "nowhere", target_is_directory=True)
+    found = data.find_images(top)
+    names = [p.relative_to(top).as_posix() for p in found]
+    assert names == ["own.png", "again/p0.png", "again/p1.png", "again/p2.png"]
+    assert [p.name for p in data.find_images([top / "linked"])] == ["p0.png", "p1.png", "p2.png"]
+    assert sum(1 for _ in data.iter_images(top)) == 4

@@ -19,7 +19,9 @@ class Option:
     """One option. ``name`` is a Python identifier (``top_k``; the flag is ``--top-k``).
 
     ``type`` is one of ``int, float, str, bool, Path``; ``multiple=True`` accepts the flag several
-    times (and a value list from Python). ``choices`` restricts a ``str``.
+    times (and a value list from Python). ``choices`` restricts a ``str``. ``min``/``max`` bound a
+    number (inclusive): a value outside is a one-line error naming the flag — never silently
+    replaced by the default (a default of ``None`` is written as ``None``, not as ``0``).
     """
 
     name: str
@@ -28,6 +30,8 @@ class Option:
     help: str = ""
     choices: tuple[str, ...] | None = None
     multiple: bool = False
+    min: float | None = None
+    max: float | None = None
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -56,6 +60,10 @@ class Option:
             ) from None
         if self.choices and v not in self.choices:
             raise ConvlensError(f"option {self.flag}: {v!r} is not one of {', '.join(self.choices)}")
+        if self.min is not None and v < self.min:
+            raise ConvlensError(f"option {self.flag}: {v} is below its minimum {self.min:g}")
+        if self.max is not None and v > self.max:
+            raise ConvlensError(f"option {self.flag}: {v} is above its maximum {self.max:g}")
         return v
 
 

@@ -153,15 +153,15 @@ class CorrespondenceProbe(Probe):
             "parts.json: image → part → box (x0, y0, x1, y1) in that image's pixels ('object' bounds "
             "the random masks). Default: five embedded LFW faces with eyes and nose boxed.",
         ),
-        Option("random", int, 10, "Draws of the random-mask baseline (0: none)."),
+        Option("random", int, 10, "Draws of the random-mask baseline (0: none).", min=0),
         Option(
             "jitter",
             float,
             0.0,
             "Also draw the part masks --random times, shifted by up to this fraction of their "
-            "size (± then over draws; 0: exact boxes, ± over image pairs).",
+            "size (± then over draws; 0: exact boxes, ± over image pairs).", min=0, max=1,
         ),
-        Option("fill", float, 0.5, "Grey level of the masks, in [0, 1] RGB."),
+        Option("fill", float, 0.5, "Grey level of the masks, in [0, 1] RGB.", min=0, max=1),
     )
 
     def run(self, ctx: ProbeContext) -> ProbeResult:

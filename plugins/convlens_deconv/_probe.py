@@ -109,8 +109,12 @@ class DeconvProbe(convlens.Probe):
             "Channels of each layer: '0-15,20' or 'all'. Default: the --render-channels "
             "channels whose top-k activations are strongest.",
         ),
-        convlens.Option("top", int, 9, "Top-k activations per channel across the images (Fig. 2)."),
-        convlens.Option("per_image", int, 1, "At most this many of a channel's top-k per image."),
+        convlens.Option(
+            "top", int, 9, "Top-k activations per channel across the images (Fig. 2).", min=1
+        ),
+        convlens.Option(
+            "per_image", int, 1, "At most this many of a channel's top-k per image.", min=1
+        ),
         convlens.Option(
             "mode",
             str,
@@ -162,6 +166,7 @@ class DeconvProbe(convlens.Probe):
             6,
             "Images for the poster, the filter activations, the rule check, --compare and "
             "--checkpoints: the first ones of --images, else the bundled photos.",
+            min=1,
         ),
         convlens.Option(
             "compare",
@@ -178,21 +183,19 @@ class DeconvProbe(convlens.Probe):
             multiple=True,
         ),
         convlens.Option("evolution_channels", str, "0-7", "Channels shown in the Fig. 4 grid."),
-        convlens.Option("batch_size", int, 16, "Images per forward pass while mining."),
+        convlens.Option("batch_size", int, 16, "Images per forward pass while mining.", min=1),
         convlens.Option(
             "render_channels",
             int,
             DEFAULT_CHANNELS,
             "Channels per layer drawn in Fig. 2 (and projected when --channels is not given).",
+            min=1,
         ),
     )
 
     # ------------------------------------------------------------------------------------------
     def run(self, ctx: convlens.ProbeContext) -> convlens.ProbeResult:
         o = ctx.options
-        for name in ("top", "per_image", "poster_images", "batch_size", "render_channels"):
-            if o[name] < 1:
-                raise ConvlensError(f"option --{name.replace('_', '-')}: must be >= 1")
         model = ctx.model
         pre = ctx.preprocess or Preprocess.for_model(model)
         ctx.preprocess = pre

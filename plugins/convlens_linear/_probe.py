@@ -93,11 +93,11 @@ class LinearProbe(Probe):
         Option("train_per_class", str, None, "Training images per class, e.g. 15,30 (each gives "
                "a point of the curve). Default: 15,30 with --data, 2,4,8 embedded."),
         Option("test_per_class", int, None, "Test images per class, at most. Default: 50 with "
-               "--data, 8 embedded."),
+               "--data, 8 embedded.", min=1),
         Option("folds", int, None, "Random train/test folds. Default: 5 with --data, 3 "
-               "embedded."),
+               "embedded.", min=1),
         Option("cv_folds", int, 3, "Cross-validation folds within the training images, to "
-               "choose C."),
+               "choose C.", min=2),
         Option("c_grid", str, None, "Regularisation values tried (scikit-learn's C). Default: "
                + ",".join(f"{c:g}" for c in DEFAULT_C_GRID) + " with --data, 1e-5,1e-4,1e-3,"
                "1e-2 embedded."),
@@ -105,12 +105,12 @@ class LinearProbe(Probe):
                "(adaptive pooling to a grid), auto (flatten up to --max-dim values, else avg).",
                choices=POOL_MODES),
         Option("grid", int, 0, "Pooling grid side for avg/max; 0: the largest with C*g*g <= "
-               "--max-dim; 1: global pooling."),
-        Option("max_dim", int, DEFAULT_MAX_DIM, "Feature size kept whole under --pool auto."),
-        Option("batch_size", int, 32, "Images per forward pass."),
+               "--max-dim; 1: global pooling.", min=0),
+        Option("max_dim", int, DEFAULT_MAX_DIM, "Feature size kept whole under --pool auto.", min=1),
+        Option("batch_size", int, 32, "Images per forward pass.", min=1),
         Option("shard_size", int, 256, "Images per cache shard (the unit of resuming and of "
-               "the split across torchrun ranks)."),
-        Option("workers", int, 0, "Image-loading worker processes (0: load in this process)."),
+               "the split across torchrun ranks).", min=1),
+        Option("workers", int, 0, "Image-loading worker processes (0: load in this process).", min=0),
         Option("cache", Path, None, "Feature cache folder. Default: OUT/linear/cache."),
     )
 

@@ -90,26 +90,26 @@ class OcclusionProbe(convlens.Probe):
     summary = "Occlusion sensitivity: class probability, label and feature map activity per square"
     paper = "Section 4.2, Fig. 7"
     options = (
-        convlens.Option("window", int, None, "Square side in input pixels (default 32 at 224)."),
+        convlens.Option("window", int, None, "Square side in input pixels (default 32 at 224).", min=1),
         convlens.Option(
             "stride", int, None,
             "Step in input pixels (default 8 at 224, or 16/32 when images x positions would "
-            f"exceed {POSITION_BUDGET}).",
+            f"exceed {POSITION_BUDGET}).", min=1,
         ),
         convlens.Option("fill", str, "mean",
                         "Square colour: mean (dataset mean pixel), grey, v or R,G,B in [0, 1]."),
         convlens.Option("target", int, None, "Class whose probability is mapped (default: each "
-                        "image's unoccluded top-1)."),
+                        "image's unoccluded top-1).", min=0),
         convlens.Option("layer", str, None, "Layer of panel (b) (default: the top conv layer)."),
         convlens.Option("channel", int, None, "Feature map of panel (b) (default: the strongest "
-                        "in each unoccluded image)."),
+                        "in each unoccluded image).", min=0),
         convlens.Option("method", str, "auto", "auto: incremental where supported, else batched.",
                         choices=METHODS),
-        convlens.Option("batch_size", int, None, "Positions per forward (default: by memory)."),
+        convlens.Option("batch_size", int, None, "Positions per forward (default: by memory).", min=1),
         convlens.Option("threads", int, None, "Intra-op threads during the sweep (default: "
-                        "torch's or one, whichever runs the first batches faster)."),
+                        "torch's or one, whichever runs the first batches faster).", min=1),
         convlens.Option("full_above", float, 0.7, "Incremental path: run a layer in full once "
-                        "the changed region exceeds this fraction of its map."),
+                        "the changed region exceeds this fraction of its map.", min=0, max=1),
     )  # fmt: skip
 
     # -- run ------------------------------------------------------------------------------------

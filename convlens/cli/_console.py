@@ -20,14 +20,23 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-# Off a terminal (pipes, CI logs) rich would wrap tables at 80 columns; give them room.
-out = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 160)
+# Off a terminal (pipes, CI logs, `| cat`) rich would wrap or cut tables at 80 columns: give them
+# all the room they need, so no cell is ever truncated there.
+out = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 100_000)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+_shown: set[str] = set()
+
+
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings as one yellow line on stderr (random weights, skipped images, …)."""
-    err.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False)
+    """Warnings as one yellow line on stderr (random weights, skipped images, …), each text once
+    per process (the same skipped file seen by two passes is said once)."""
+    text = str(message)
+    if text in _shown:
+        return
+    _shown.add(text)
+    err.print(f"[bold yellow]warning:[/] {escape(text)}", highlight=False)
 
 
 def show_note(message: str) -> None:

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from convlens.cli._console import out
+from convlens.runner import DEFAULT_MODEL
 
 DEVICE_HELP = "auto (CUDA if available), cpu, or cuda[:N]"
 
@@ -45,7 +46,7 @@ def models(
 
 
 def layers(
-    model: Annotated[str, typer.Option("--model", "-m", help="Model name.")] = "zfnet",
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name.")] = DEFAULT_MODEL,
     weights: Annotated[
         Path | None, typer.Option("--weights", help=".safetensors or torch checkpoint")
     ] = None,

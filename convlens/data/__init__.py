@@ -29,7 +29,9 @@ from convlens.data.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     INTERPOLATIONS,
+    MAX_UPSCALE,
     Preprocess,
+    UpscaleWarning,
     load_batch,
 )
 from convlens.data.samples import (
@@ -56,6 +58,8 @@ __all__ = [
     "DEFAULT_CROP_PCT",
     "INTERPOLATIONS",
     "Preprocess",
+    "UpscaleWarning",
+    "MAX_UPSCALE",
     "load_batch",
     # samples
     "Sample",

@@ -31,9 +31,19 @@ __all__ = [
     "IMAGENET_STD",
     "DEFAULT_CROP_PCT",
     "INTERPOLATIONS",
+    "MAX_UPSCALE",
+    "UpscaleWarning",
     "Preprocess",
     "load_batch",
 ]
+
+#: An image whose shorter side is enlarged more than this many times gets an
+#: :class:`UpscaleWarning` (the model then sees a few pixels blown up, not a photo).
+MAX_UPSCALE = 8.0
+
+
+class UpscaleWarning(UserWarning):
+    """An image was enlarged more than :data:`MAX_UPSCALE` times to reach the model's input."""
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -129,6 +139,16 @@ class Preprocess:
         (useful to draw results over what the model actually saw)."""
         img = self._rgb(img)
         size = self.resized_size(*img.size)
+        factor = self.resize / max(min(img.size), 1)
+        if factor > MAX_UPSCALE:
+            name = getattr(img, "filename", "") or "an image"
+            warnings.warn(
+                f"{name}: {img.size[0]}x{img.size[1]} px enlarged {factor:.0f}x to the model's "
+                f"{self.input_size[0]}x{self.input_size[1]} input (more than {MAX_UPSCALE:g}x: "
+                "it sees a few pixels blown up)",
+                UpscaleWarning,
+                stacklevel=3,
+            )
         resized = img.resize(size, INTERPOLATIONS[self.interpolation])
         return resized.crop(self.crop_box(*img.size))
 

@@ -195,3 +195,27 @@ def test_several_paths_after_one_images_flag(tmp_path, images):
 
     run = json.loads((tmp_path / "o" / "deconv" / "run.json").read_text())
     assert run["images"] == [str(a), str(b)]
+
+
+def test_piped_tables_are_not_truncated_and_a_warning_is_said_once(capsys):
+    from convlens.cli import _console
+    from convlens.data import default_images
+    from tests.conftest import run_cli
+
+    res = run_cli(["samples"])  # stdout is a pipe here, as with `convlens samples | cat`
+    assert res.returncode == 0, res.stderr
+    for p in default_images():
+        assert str(p) in res.stdout  # whole paths, no ellipsis
+    assert "…" not in res.stdout
+    _console._shown.discard("x.png: skipped: not an image")
+    for _ in range(2):
+        _console.show_warning("x.png: skipped: not an image", UserWarning, "f", 1)
+    assert capsys.readouterr().err.count("x.png: skipped") == 1
+
+
+def test_layers_defaults_to_the_probes_default_model(app):
+    from convlens.runner import DEFAULT_MODEL
+
+    res = runner.invoke(app, ["layers"])
+    assert res.exit_code == 0, res.output
+    assert DEFAULT_MODEL == "efficientnet_lite0" and "bn2.act" in res.output

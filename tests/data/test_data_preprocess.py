@@ -310,3 +310,20 @@ def test_load_batch(tmp_path: Path) -> None:
     assert x.shape == (1, 3, 224, 224) and paths == [tmp_path / "b.png"]
     with pytest.raises(ImageError, match="notes.txt: not an image"):
         load_batch(tmp_path / "notes.txt", p)
+
+
+def test_a_tiny_image_enlarged_past_the_documented_factor_warns_once_per_call():
+    import warnings
+
+    from PIL import Image
+
+    from convlens.data import MAX_UPSCALE, Preprocess, UpscaleWarning
+
+    pre = Preprocess(input_size=(224, 224), resize=256)
+    with pytest.warns(UpscaleWarning, match=r"1x1 px enlarged 256x"):
+        pre(Image.new("RGB", (1, 1), (10, 20, 30)))
+    side = int(256 / MAX_UPSCALE)  # exactly the factor: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UpscaleWarning)
+        pre(Image.new("RGB", (side, side)))
+        pre(Image.new("RGB", (300, 200)))

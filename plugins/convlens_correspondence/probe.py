@@ -13,7 +13,6 @@ from convlens.errors import ConvlensError, ImageError
 from convlens.io import save_npz, write_json
 from convlens.options import Option, parse_str_list
 from convlens.probe import Probe, ProbeContext, ProbeResult, ReportSection
-from convlens.render import grid, save_png
 from convlens.render.report import esc
 from convlens_correspondence.analysis import (
     NORMALISATION,
@@ -241,7 +240,9 @@ class CorrespondenceProbe(Probe):
 
     def render(self, result: ProbeResult, ctx: ProbeContext) -> ReportSection | None:
         res: CorrespondenceResult = result.data
-        figure = self._figure(res, ctx.out_dir / "correspondence.png")
+        figure = self._figure(
+            res, ctx.out_dir / "correspondence.png", ctx.model_name, result.summary.get("dataset", "")
+        )
         head = "".join(f"<th>{esc(layer)}</th>" for layer in res.layers)
         body = ""
         for row in res.rows:
@@ -272,8 +273,12 @@ class CorrespondenceProbe(Probe):
         )
 
     @staticmethod
-    def _figure(res: CorrespondenceResult, path: Path) -> Path:
-        tiles = []
+    def _figure(res: CorrespondenceResult, path: Path, model: str = "", dataset: str = "") -> Path:
+        """Fig. 8 with its column headers (original / each part / random draws) and, under each,
+        the Δ of that mask at every layer (mean ± std, lower: more consistent), so the PNG
+        carries Table 1 with it."""
+        from convlens.render.canvas import Canvas
+
         columns: list[tuple[Any, int]] = [(None, 0)]
         columns += [(r, 0) for r in res.rows if r.kind == "part"]
         for r in res.rows:
@@ -285,12 +290,50 @@ class CorrespondenceProbe(Probe):
                 shown[id(r)][d] = res.preprocess.denormalize(res.masked(r, d))
         base = res.preprocess.denormalize(res.inputs)
         h, w = res.inputs.shape[-2:]
-        scale = min(1.0, 160 / max(h, w))
+        scale = min(1.0, 120 / max(h, w))
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        layers = res.layers[:4]
+        pad, margin = 4, 10
+        head = 16 + 11 * len(layers)
+        width = max(margin * 2 + len(columns) * (size[0] + pad), 520)
+        canvas = Canvas(width, head + len(res.items) * (size[1] + pad) + margin)
+        canvas.title(f"Fig. 8 · correspondence{f' · {model}' if model else ''}: parts masked "
+                     f"in {len(res.items)} images{f' ({dataset})' if dataset else ''}")  # fmt: skip
+        canvas.title(
+            "under each column: Δ of that mask at each layer named under 'original' (mean ± std; "
+            "lower = the part changes the features more consistently across images)",
+            size=7.5,
+            weight="normal",
+        )
+        for k, (r, d) in enumerate(columns):
+            cx = margin + k * (size[0] + pad) + size[0] / 2
+            if r is None:
+                label, stats = "original", None
+            elif r.name == RANDOM:
+                label, stats = f"random #{d + 1}", (r if d == 0 else None)
+            else:
+                label, stats = _label(r.name), r
+            canvas.text(cx, 0, label, size=7, ha="center", weight="bold")
+            for j, lay in enumerate(layers):
+                if r is None:  # the original's column names the layers of the rows of values
+                    text = f"Δ at {lay}" if len(lay) <= 22 else f"Δ at …{lay[-20:]}"
+                elif stats is None:
+                    text = "(as #1)" if j == 0 else ""
+                else:
+                    m, sd = stats.stat(lay)
+                    text = f"{m:.3f} ± {sd:.3f}"
+                canvas.text(cx, 14 + 11 * j, text, size=6, ha="center",
+                            color="#333333" if r is not None else "#000000")  # fmt: skip
         for i in range(len(res.items)):
-            for r, d in columns:
+            y = head + i * (size[1] + pad)
+            for k, (r, d) in enumerate(columns):
                 img = base[i] if r is None else shown[id(r)][d][i]
                 arr = (img.permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
                 tile = Image.fromarray(arr).resize(size, Image.Resampling.BILINEAR)
-                tiles.append(np.asarray(tile))
-        return save_png(grid(tiles, ncol=len(columns)), path)
+                canvas.paste(np.asarray(tile) / 255.0, margin + k * (size[0] + pad), y)
+        canvas.caption(
+            "Δ: " + NORMALISATION + ". Masks: grey boxes (level "
+            f"{res.fill_rgb01:g}) over each part; random: boxes of the same sizes at random "
+            f"positions ({res.random} draws; the first {min(_RANDOM_COLUMNS, res.random)} shown)."
+        )
+        return canvas.save(path)

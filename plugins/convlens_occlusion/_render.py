@@ -58,6 +58,11 @@ def cells_to_pixels(grid_) -> tuple[np.ndarray, np.ndarray]:
     return axis(grid_.height, grid_.rows), axis(grid_.width, grid_.cols)
 
 
+#: A map whose range is below this share of its largest value is called nearly flat on the figure
+#: (jet would otherwise stretch noise such as 0.00226–0.00237 over its whole range).
+FLAT = 0.05
+
+
 def _spread(values: np.ndarray, rows: np.ndarray, cols: np.ndarray, blank) -> np.ndarray:
     """A ``[rows, cols, 3]`` colour map laid out over the input pixels."""
     out = values[np.clip(rows, 0, None)][:, np.clip(cols, 0, None)]
@@ -83,6 +88,8 @@ def figure(
 ) -> np.ndarray:
     """The row of Fig. 7 for one image as an RGB float array ``[H, W, 3]``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
@@ -113,35 +120,49 @@ def figure(
     e = _spread(palette[index], rows, cols, _BLANK)
 
     tiles = [a, b] + ([projection] if projection is not None else []) + [d, e]
-    titles = [
-        f"(a) {title}",
-        f"(b) {layer} map {channel}: {feature.min():.3g} to {feature.max():.3g}",
-    ]
+    titles = [f"(a) {title}", f"(b) {layer} map {channel}: total activity"]
     if projection is not None:
         titles.append(f"(c) {rule or 'deconv'} projection of map {channel}")
-    titles += [
-        f"(d) p({short_name(names[target])}): {prob.min():.3g} to {prob.max():.3g}",
-        "(e) most probable class",
-    ]
+    titles += [f"(d) p({short_name(names[target])}) under the square", "(e) most probable class"]
+    d_index = 3 if projection is not None else 2
     pad = 6
     strip = grid(tiles, ncol=len(tiles), pad=pad)
     h_px, w_px = strip.shape[:2]
-    dpi, top, legend_w = 100, 34, 150
-    fig = Figure(figsize=((w_px + legend_w) / dpi, (h_px + top) / dpi), dpi=dpi)
+    dpi, top, legend_w, bottom = 100, 34, 150, 46
+    fig = Figure(figsize=((w_px + legend_w) / dpi, (h_px + top + bottom) / dpi), dpi=dpi)
     FigureCanvasAgg(fig)
-    total_w, total_h = w_px + legend_w, h_px + top
-    ax = fig.add_axes((0.0, 0.0, w_px / total_w, h_px / total_h))
+    total_w, total_h = w_px + legend_w, h_px + top + bottom
+    ax = fig.add_axes((0.0, bottom / total_h, w_px / total_w, h_px / total_h))
     ax.imshow(strip, interpolation="nearest")
     ax.set_axis_off()
     tile_w = (w_px - pad) / len(tiles)
     for i, t in enumerate(titles):
-        fig.text((pad + i * tile_w + (tile_w - pad) / 2) / total_w, (h_px + 6) / total_h, t,
-                 ha="center", va="bottom", fontsize=7)  # fmt: skip
+        fig.text((pad + i * tile_w + (tile_w - pad) / 2) / total_w,
+                 (bottom + h_px + 6) / total_h, t, ha="center", va="bottom",
+                 fontsize=7)  # fmt: skip
+    # colour bars with the absolute values of (b) and (d); a nearly flat map says so
+    for i, values, unit in ((1, feature, "summed activation"), (d_index, prob, "probability")):
+        lo, hi = float(np.min(values)), float(np.max(values))
+        cax = fig.add_axes(((pad + i * tile_w + 10) / total_w, 28 / total_h,
+                            (tile_w - pad - 20) / total_w, 7 / total_h))  # fmt: skip
+        sm = ScalarMappable(Normalize(lo, hi if hi > lo else lo + 1e-12), "jet")
+        cb = fig.colorbar(sm, cax=cax, orientation="horizontal")
+        cb.set_ticks([lo, hi])
+        cb.ax.tick_params(labelsize=6, length=2, pad=1)
+        cb.ax.set_xticklabels([f"{lo:.3g}", f"{hi:.3g}"])
+        spread = (hi - lo) / max(abs(hi), abs(lo), 1e-12)
+        note = unit
+        if spread < FLAT:
+            note = f"{unit} — nearly flat: range {spread:.1%} of its value"
+        fig.text((pad + i * tile_w + (tile_w - pad) / 2) / total_w, 4 / total_h, note,
+                 ha="center", va="bottom", fontsize=6,
+                 color="#b00000" if spread < FLAT else "#333333")  # fmt: skip
     shown = [c for c in classes if colors[c] != _OTHER]
     handles = [Patch(color=colors[c], label=short_name(names[c])[:22]) for c in shown]
     if len(shown) < len(classes):
         handles.append(Patch(color=_OTHER, label="other"))
-    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(w_px / total_w, 0.92),
+    fig.legend(handles=handles, loc="upper left",
+               bbox_to_anchor=(w_px / total_w, (bottom + h_px) / total_h),
                fontsize=7, frameon=False, title="(e) labels", title_fontsize=7)  # fmt: skip
     fig.canvas.draw()
     rgba = np.asarray(fig.canvas.buffer_rgba(), dtype=np.float64) / 255.0

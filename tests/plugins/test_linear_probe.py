@@ -123,7 +123,7 @@ def test_embedded_photo_views_written_once(tmp_path):
 
 @pytest.mark.parametrize("options,message", [
     ({"classifier": "softmax,knn"}, "--classifier 'knn'"),
-    ({"cv_folds": 1}, "--cv-folds 1"),
+    ({"cv_folds": 1}, "--cv-folds: 1 is below its minimum 2"),
     ({"c_grid": "1e-3,-1"}, "--c-grid"),
     ({"train_per_class": "5"}, "class 'k0' has 5 readable image"),
     ({"layers": "conv9"}, "conv9"),

@@ -71,7 +71,7 @@ def plot_transform(res: InvarianceResult, kind: str, path: Path) -> Path:
 
     amounts = res.amounts[kind]
     n_panels = 2 + len(res.layers)
-    fig = Figure(figsize=(3.2 * n_panels, 3.0), dpi=100)
+    fig = Figure(figsize=(3.2 * n_panels + 1.3, 3.2), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, n_panels)
     ex = res.examples.get(kind)
@@ -93,13 +93,17 @@ def plot_transform(res: InvarianceResult, kind: str, path: Path) -> Path:
             ax.plot(amounts, res.curves[kind][i]["distance"][layer], marker=".", label=name)
         ax.set_title(f"distance at {layer}", fontsize=9)
         ax.set_xlabel(_XLABELS[kind], fontsize=8)
+        ax.set_ylabel("Euclidean distance ‖f(x) − f(T x)‖₂", fontsize=7)
     ax = axes[-1]
     for i, name in enumerate(res.names):
         ax.plot(amounts, res.curves[kind][i]["prob"], marker=".", label=name)
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("p(true label)", fontsize=9)
     ax.set_xlabel(_XLABELS[kind], fontsize=8)
-    ax.legend(fontsize=6, loc="best")
+    ax.set_ylabel("softmax probability of the label", fontsize=7)
+    # beside the panels, never over a curve
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+              title="image", title_fontsize=6)  # fmt: skip
     for ax in axes[1:]:
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)

@@ -313,7 +313,7 @@ def _plot(d: dict[str, Any], path: Path) -> Path:
     ks = d["protocol"]["train_per_class"]
     styles = {"softmax": "-", "svm": "--"}
     colors = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, max(1, len(layers))))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.4))
     for kind in kinds:
         for la, color in zip(layers, colors, strict=True):
             rs = sorted((r for r in results if r["layer"] == la and r["classifier"] == kind),
@@ -332,13 +332,14 @@ def _plot(d: dict[str, Any], path: Path) -> Path:
     left.set_title("Accuracy vs training size (cf. Fig. 9)")
     left.set_xticks(ks)
     left.grid(alpha=0.3)
-    left.legend(fontsize=7, loc="best")
+    # beside the panel, never over a curve
+    left.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     right.set_xticks(range(len(layers)))
     right.set_xticklabels(layers, rotation=20, ha="right", fontsize=8)
     right.set_ylabel("mean per-class accuracy (%)")
     right.set_title(f"Accuracy vs layer, {ks[-1]}/class (cf. Table 7)")
     right.grid(alpha=0.3)
-    right.legend(fontsize=8)
+    right.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.suptitle(f"{d['model']} on {d['dataset']['name']}", fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -10,6 +10,7 @@ predictions on the images, its layers and receptive fields) is written next to i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from torch import nn
 from convlens.errors import ConvlensError
 from convlens.io import write_json
 from convlens.options import parse_options
+from convlens.output import output_lock, staged_dir
 from convlens.probe import ProbeContext, ProbeResult, ReportSection, seed_everything
 from convlens.render.report import build_report, esc, write_section
 
@@ -79,6 +81,18 @@ def load_model(
             model = model_zoo.create_model(name, weights=weights)
         label = name
     return model.to(resolve_device(device)).eval(), label
+
+
+def _rank() -> int:
+    """This process's rank: torch.distributed's when initialised, else torchrun's ``RANK``
+    (probes initialise the group inside ``run``), else 0."""
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0") or 0)
 
 
 def is_main_process() -> bool:
@@ -224,51 +238,70 @@ def run_probe(
         if not p.exists():
             raise ConvlensError(f"{p}: no such file or folder")
     out_root = Path(out)
-    ctx = ProbeContext(
-        model=net,
-        model_name=label,
-        images=image_paths,
-        out_dir=out_root / probe_cls.name,
-        options=opts,
-        device=dev,
-        seed=seed,
-        probes=host.probes,
-        report_dir=out_root,
-        progress_factory=progress_factory,
-        images_given=bool(images),
-        note_sink=note_sink,
-    )
-    ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    instance = probe_cls()
-    main = is_main_process()
-    if overview and probe_cls.needs_images and main:
-        write_overview(ctx, out_root)
-    result = instance.run(ctx)
-    section = instance.render(result, ctx)
-    if not main:
-        return result
-    if section is not None:
-        write_section(out_root, probe_cls.name, section)
-    from convlens import __version__
+    final_dir = out_root / probe_cls.name
+    main = _rank() == 0
+    with contextlib.ExitStack() as stack:
+        if main:  # one run per output folder; the probe's folder swapped in only when complete
+            stack.enter_context(output_lock(out_root))
+            work_dir = stack.enter_context(staged_dir(final_dir))
+        else:  # other torchrun ranks compute alongside but write nothing shared
+            import tempfile
 
-    write_json(
-        ctx.out_dir / "run.json",
-        {
-            "probe": probe_cls.name,
-            "model": label,
-            "weights": str(weights)
-            if weights
-            else getattr(getattr(net, "convlens_info", None), "weights", None),
-            "images": [str(p) for p in image_paths],
-            "options": json.loads(json.dumps(opts, default=str)),
-            "seed": seed,
-            "device": str(dev),
-            "convlens_version": __version__,
-            "torch_version": torch.__version__,
-            "python": platform.python_version(),
-            "summary": result.summary,
-            "files": [str(f) for f in result.files],
-        },
-    )
-    build_report(out_root, meta={"model": label})
+            work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="convlens-")))
+        ctx = ProbeContext(
+            model=net,
+            model_name=label,
+            images=image_paths,
+            out_dir=work_dir,
+            options=opts,
+            device=dev,
+            seed=seed,
+            probes=host.probes,
+            report_dir=out_root,
+            progress_factory=progress_factory,
+            images_given=bool(images),
+            note_sink=note_sink,
+        )
+        instance = probe_cls()
+        result = instance.run(ctx)
+        section = instance.render(result, ctx)
+        if not main:
+            return result
+        if section is not None:
+            write_json(work_dir / "section.json", {"key": probe_cls.name, **section.to_dict()})
+        from convlens import __version__
+
+        def final(f: str | Path) -> str:
+            try:
+                return str(final_dir / Path(f).relative_to(work_dir))
+            except ValueError:
+                return str(f)
+
+        write_json(
+            work_dir / "run.json",
+            {
+                "probe": probe_cls.name,
+                "model": label,
+                "weights": str(weights)
+                if weights
+                else getattr(getattr(net, "convlens_info", None), "weights", None),
+                "images": [str(p) for p in image_paths],
+                "options": json.loads(json.dumps(opts, default=str)),
+                "seed": seed,
+                "device": str(dev),
+                "convlens_version": __version__,
+                "torch_version": torch.__version__,
+                "python": platform.python_version(),
+                "summary": result.summary,
+                "files": [final(f) for f in result.files],
+            },
+        )
+        result.files = [Path(final(f)) for f in result.files]
+        ctx.out_dir = final_dir
+    # swapped in: OUT/<probe> now holds exactly this run's files; the overview and the report
+    # are rewritten together, under the lock, so they describe the same runs
+    with output_lock(out_root):
+        if overview and probe_cls.needs_images:
+            write_overview(ctx, out_root)
+        build_report(out_root, meta={"model": label})
     return result

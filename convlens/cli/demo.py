@@ -27,15 +27,22 @@ def demo(
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
 ) -> None:
     """Run every installed probe with its defaults and write OUT/index.html."""
-    from convlens.errors import ConvlensError
     from convlens.io import check_writable_dir
+    from convlens.output import output_lock
+
+    check_writable_dir(out_dir)  # before any work
+    with output_lock(out_dir):  # the whole demo is one run of this output folder
+        _run_demo(model, images, out_dir, probes, device)
+
+
+def _run_demo(model, images, out_dir: Path, probes, device) -> None:
+    from convlens.errors import ConvlensError
     from convlens.options import parse_str_list
     from convlens.plugins import get_host
     from convlens.probe import ProbeContext
     from convlens.render.report import build_report
     from convlens.runner import load_model, resolve_device, run_probe, write_overview
 
-    check_writable_dir(out_dir)  # before any work
     host = get_host()
     names = parse_str_list(probes) or host.probes.names()
     for n in names:

@@ -42,6 +42,8 @@ def build_report(out_root: Path, title: str = "convlens report", meta: dict | No
     out_root = Path(out_root)
     sections = []
     for path in sorted(out_root.glob("*/section.json")):
+        if path.parent.name.startswith("."):  # a staging folder, not a finished run
+            continue
         try:
             sections.append(json.loads(path.read_text(encoding="utf-8")))
         except (OSError, json.JSONDecodeError):

@@ -111,7 +111,7 @@ class LinearProbe(Probe):
         Option("shard_size", int, 256, "Images per cache shard (the unit of resuming and of "
                "the split across torchrun ranks).", min=1),
         Option("workers", int, 0, "Image-loading worker processes (0: load in this process).", min=0),
-        Option("cache", Path, None, "Feature cache folder. Default: OUT/linear/cache."),
+        Option("cache", Path, None, "Feature cache folder. Default: OUT/.cache/linear."),
     )
 
     # -- run -----------------------------------------------------------------------------------
@@ -119,7 +119,10 @@ class LinearProbe(Probe):
     def run(self, ctx: ProbeContext) -> ProbeResult:
         o = ctx.options
         t0 = time.perf_counter()
-        cache_root = Path(o["cache"]) if o["cache"] else ctx.out_dir / "cache"
+        # outside the probe's own folder (that one is swapped whole at the end of a run), so an
+        # interrupted run resumes from its shards
+        out_root = ctx.report_dir or ctx.out_dir.parent
+        cache_root = Path(o["cache"]) if o["cache"] else out_root / ".cache" / "linear"
         if o["data"] is not None:
             dataset = scan_image_folder(o["data"])
             embedded, proto = None, PAPER_PROTOCOL

@@ -97,7 +97,7 @@ def test_embedded_digits_run(tmp_path):
     assert meta["dataset"]["embedded"] == "digits" and meta["dataset"]["n_images"] == 160
     assert meta["dataset"]["classes"] == [str(d) for d in range(10)]
     folder = Path(meta["dataset"]["root"])
-    assert folder.is_relative_to(out / "linear" / "cache")  # never inside the package
+    assert folder.is_relative_to(out / ".cache" / "linear")  # never inside the package
     rows = dict(LinearProbe().describe(result))
     assert rows["table"] == "3/class"
     assert set(rows) >= {"softmax (conv2, 588-d)", "softmax (conv3, 144-d)", "dataset"}

@@ -1,0 +1,101 @@
+"""The output contract: a probe's folder holds exactly one run's files (staged, swapped in when
+complete), a failed run changes nothing and leaves no debris, and a second run on a folder in
+use is refused in one line."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+
+import pytest
+import torch
+
+import convlens
+from convlens.errors import ConvlensError
+from convlens.models import ModelInfo
+from convlens.output import LOCK_NAME, output_lock, staged_dir
+from convlens.testing import tiny_model
+
+
+def tiny():
+    model, shape = tiny_model("chain")
+    model.convlens_info = ModelInfo(
+        name="tiny-chain", family="test", weights="random", random_init=True, num_classes=5,
+        input_size=tuple(shape[1:]),
+    )  # fmt: skip
+    return model
+
+
+def run(out, images, **kw):
+    return convlens.run_probe("occlusion", tiny(), images=images, out=out, device="cpu",
+                              window=16, stride=16, **kw)  # fmt: skip
+
+
+def listing(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+def test_a_rerun_with_fewer_images_leaves_only_its_own_files(tmp_path, images):
+    torch.set_num_threads(1)
+    files = sorted(images.iterdir())
+    out = tmp_path / "out"
+    run(out, [images])
+    assert len(list((out / "occlusion").glob("occlusion_*.png"))) == 3
+    res = run(out, [files[0]])
+    pngs = sorted(p.name for p in (out / "occlusion").glob("occlusion_*.png"))
+    assert pngs == ["occlusion_00_img0.png"]
+    run_json = json.loads((out / "occlusion" / "run.json").read_text())
+    assert run_json["images"] == [str(files[0])]
+    assert all(str(out / "occlusion") in f for f in run_json["files"])
+    assert all(p.exists() for p in res.files)
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME
+                and p.name != ".cache"]  # fmt: skip
+    overview = json.loads((out / "overview" / "overview.json").read_text())
+    assert [p["image"] for p in overview["predictions"]] == [str(files[0])]
+    assert "occlusion_00_img0.png" in (out / "index.html").read_text()
+
+
+def test_a_failed_run_changes_nothing_and_leaves_no_debris(tmp_path, images):
+    out = tmp_path / "out"
+    run(out, [images])
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ConvlensError):
+        run(out, [images], target=99)  # target >= classes: fails inside the probe
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert not list(out.glob(".*staging*")) and not list(out.glob(".*old*"))
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path, images):
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run holds it
+    try:
+        with pytest.raises(ConvlensError, match="another convlens run is writing there"):
+            run(out, [images])
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    assert not (out / "occlusion").exists()
+    run(out, [images])  # free again
+    assert (out / "occlusion" / "occlusion.json").exists()
+
+
+def test_staging_swaps_whole_folders_and_the_lock_is_reentrant(tmp_path):
+    final = tmp_path / "out" / "probe"
+    with output_lock(tmp_path / "out"), output_lock(tmp_path / "out"):
+        with staged_dir(final) as d:
+            (d / "a.txt").write_text("1")
+        with staged_dir(final) as d:
+            (d / "b.txt").write_text("2")
+        assert listing(final) == ["b.txt"]
+        with pytest.raises(RuntimeError), staged_dir(final) as d:
+            (d / "c.txt").write_text("3")
+            raise RuntimeError("boom")
+        assert listing(final) == ["b.txt"]
+    # a killed run's staging folder is swept by the next run that takes the lock
+    (tmp_path / "out" / ".probe.staging-99999").mkdir()
+    with output_lock(tmp_path / "out"):
+        assert not (tmp_path / "out" / ".probe.staging-99999").exists()

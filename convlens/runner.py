@@ -83,6 +83,20 @@ def load_model(
     return model.to(resolve_device(device)).eval(), label
 
 
+def default_section(probe_cls: type, result: ProbeResult) -> ReportSection:
+    """The report section of a probe without ``render``: its summary as a table."""
+    rows = "".join(
+        f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in result.summary.items()
+    )
+    files = ", ".join(f"<code>{esc(Path(f).name)}</code>" for f in result.files)
+    html = (
+        f"<p>{esc(probe_cls.summary)}</p>"
+        + (f"<table>{rows}</table>" if rows else "<p>No summary.</p>")
+        + (f"<p>Files: {files}</p>" if files else "")
+    )
+    return ReportSection(f"{probe_cls.name}", html, [], order=80)
+
+
 def _rank() -> int:
     """This process's rank: torch.distributed's when initialised, else torchrun's ``RANK``
     (probes initialise the group inside ``run``), else 0."""
@@ -267,6 +281,8 @@ def run_probe(
         section = instance.render(result, ctx)
         if not main:
             return result
+        if section is None:  # no render: the report still shows what the probe found
+            section = default_section(probe_cls, result)
         if section is not None:
             write_json(work_dir / "section.json", {"key": probe_cls.name, **section.to_dict()})
         from convlens import __version__

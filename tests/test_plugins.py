@@ -116,3 +116,46 @@ def test_example_plugin_has_three_line_entry_point():
     text = (REPO / "examples" / "convlens-hello-probe" / "pyproject.toml").read_text()
     block = re.search(r"\[project\.entry-points\.convlens\]\n(.*?)\n\n", text, re.S)
     assert block and block.group(1).strip() == 'hello = "convlens_hello"'
+
+
+def test_the_docs_show_the_example_plugin_exactly_as_it_is_in_the_repo():
+    docs = (REPO / "docs" / "plugins.md").read_text()
+    for path in (HELLO, REPO / "examples" / "convlens-hello-probe" / "pyproject.toml"):
+        rel = path.relative_to(REPO).as_posix()
+        block = re.search(r"```\w+\n# " + re.escape(rel) + r"\n(.*?)```", docs, re.S)
+        assert block, rel
+        assert block.group(1) == path.read_text(), f"docs/plugins.md is out of date with {rel}"
+
+
+def test_a_probe_without_render_gets_a_section_from_its_summary(tmp_path, images):
+    import types
+
+    import convlens
+    from convlens.models import create_model
+
+    class Quiet(convlens.Probe):
+        name = "quiet"
+        summary = "counts the images"
+
+        def run(self, ctx):
+            x, _ = ctx.inputs()
+            return convlens.ProbeResult(self.name, {"images": int(x.shape[0])})
+
+    ns = types.SimpleNamespace()
+
+    @convlens.hookimpl
+    def convlens_register_probes(registry):
+        registry.register("quiet", Quiet)
+
+    ns.convlens_register_probes = convlens_register_probes
+    from convlens.plugins import PluginHost
+
+    host = PluginHost(entry_points=False, extra=[("quiet", ns)])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = create_model("zfnet_mini")
+    convlens.run_probe("quiet", model, images=[images], out=tmp_path, host=host, overview=False)
+    html = (tmp_path / "index.html").read_text()
+    assert "counts the images" in html and "<td>images</td><td>3</td>" in html

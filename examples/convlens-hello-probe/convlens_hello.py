@@ -34,7 +34,10 @@ class HelloProbe(convlens.Probe):
             for p, c, m in zip(paths, logits.argmax(1).tolist(), means, strict=True)
         ]
         path = write_json(ctx.out_dir / "hello.json", {"layer": layer, "images": rows})
-        summary = {f"{ctx.options['greeting']} {p.name}": r["top1"] for p, r in zip(paths, rows, strict=True)}
+        summary = {
+            f"{ctx.options['greeting']} {p.name}": r["top1"]
+            for p, r in zip(paths, rows, strict=True)
+        }
         return convlens.ProbeResult(self.name, {"layer": layer, **summary}, [path], rows)
 
     def render(self, result, ctx):

@@ -236,14 +236,38 @@ def run_probe(
     **options: Any,
 ) -> ProbeResult:
     """Run one registered probe and write its files, its report section and the report."""
-    from convlens.data import default_images
     from convlens.io import check_writable_dir
     from convlens.plugins import get_host
 
     host = host or get_host()
     probe_cls = host.probes.get(probe)
     opts = parse_options(probe_cls.options, options)
+    fresh = not Path(out).exists()
     check_writable_dir(out)  # before any work: a file in the way or no permission is exit 2
+    try:
+        return _run_probe(
+            probe_cls, opts, model, images, weights, Path(out), device, seed, host,
+            progress_factory, overview, note_sink,
+        )  # fmt: skip
+    except BaseException:
+        if fresh:  # a failed first run leaves no folder behind (only its lock file was there)
+            from convlens.output import LOCK_NAME
+
+            left = list(Path(out).iterdir()) if Path(out).is_dir() else []
+            if all(p.name == LOCK_NAME for p in left):
+                for p in left:
+                    p.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    Path(out).rmdir()
+        raise
+
+
+def _run_probe(
+    probe_cls, opts, model, images, weights, out: Path, device, seed, host, progress_factory,
+    overview, note_sink,
+) -> ProbeResult:  # fmt: skip
+    from convlens.data import default_images
+
     dev = resolve_device(device)
     seed_everything(seed)
     net, label = load_model(model, weights=weights, device=dev, host=host)

@@ -34,7 +34,16 @@ class ConvlensGroup(TyperGroup):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except _PASS_THROUGH:
+        except _PASS_THROUGH as exc:
+            if _is_usage_error(exc):  # unknown option, bad value: one line too, exit 2
+                sub = getattr(exc, "ctx", None)
+                path = sub.command_path if sub is not None else "convlens"
+                _console.err.print(
+                    f"[bold red]error:[/] {escape(_flat_text(exc.format_message()))} "
+                    f"(see '{escape(path)} --help')",
+                    highlight=False,
+                )
+                raise typer.Exit(EXIT_USAGE) from None
             raise
         except ConvlensError as exc:
             if _console.is_debug() or ctx.obj and ctx.obj.get("debug"):
@@ -56,5 +65,16 @@ class ConvlensGroup(TyperGroup):
 
 
 def _flat(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    return _flat_text(str(exc))
+
+
+def _flat_text(text: str) -> str:
+    text = " ".join(text.split())
     return text if len(text) < 600 else text[:597] + "..."
+
+
+def _is_usage_error(exc: BaseException) -> bool:
+    """click's (or typer's vendored click's) UsageError, whichever is installed."""
+    return any(k.__name__ == "UsageError" for k in type(exc).__mro__) and hasattr(
+        exc, "format_message"
+    )

@@ -185,6 +185,8 @@ def depth_layers(model: nn.Module, n: int = 5, rec=None) -> list[tuple[str, floa
                 call = rec.layer(name)
             except Exception:  # noqa: BLE001 - a tap that did not run is no candidate
                 continue
+            if len(call.output_shape or ()) != 4:  # tokens [N, L, C] or vectors: no map
+                continue
             out.append((name, _rf_share(rec.rf(name), hw), call.index))
         out.sort(key=lambda c: c[2])
         # the same field twice (a stage and the activation that ends it): keep the deeper one

@@ -239,6 +239,7 @@ class DeconvProbe(convlens.Probe):
                 layers.append(sub)
         else:
             layers = [lay for lay, _ in depth_layers(model, rec=rec)]
+        _check_maps(ctx.model_name, rec, layers, bool(requested))
         order = {lay: rec.layer(lay).index for lay in layers}
         layers = sorted(layers, key=lambda lay: order[lay])
         deepest = layers[-1]
@@ -851,6 +852,28 @@ def _strongest(entries: list[dict[str, Any]], layer: str) -> str:
         return "-"
     e = max(top, key=lambda e: e["activation"])
     return f"channel {e['channel']} = {e['activation']:.4g} ({Path(e['image']).name})"
+
+
+def _check_maps(model_name: str, rec, layers: list[str], requested: bool) -> None:
+    """The deconv probe projects feature maps ``[N, C, H, W]`` (or fc vectors ``[N, F]``): a token
+    layer ``[N, L, C]`` (ViT, Swin) is refused in one line naming it and its shape, and so is a
+    token model when no layer was named (its only maps are the patch embedding's)."""
+    for lay in layers:
+        shape = tuple(rec.layer(lay).output_shape or ())
+        if len(shape) not in (2, 4):
+            raise ConvlensError(
+                f"layer {lay!r} outputs {shape}: the deconv probe projects [N, C, H, W] feature "
+                "maps (or [N, F] vectors); token layers are not supported"
+            )
+    if not requested:
+        tokens = [c for c in rec.leaves() if len(tuple(c.output_shape or ())) == 3]
+        if tokens:
+            t = tokens[0]
+            raise ConvlensError(
+                f"{model_name}: a token model ({t.name} outputs {tuple(t.output_shape)}): the "
+                "deconv probe projects [N, C, H, W] feature maps; name a convolutional layer "
+                "with --layer"
+            )
 
 
 def _announce(ctx: convlens.ProbeContext, choice: RuleChoice) -> None:

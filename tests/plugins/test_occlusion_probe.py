@@ -161,3 +161,17 @@ def test_panel_c_comes_from_the_deconv_plugin_when_installed(
     section = json.loads((tmp_path / "occlusion" / "section.json").read_text())
     assert "projected to pixels by the deconv probe" in section["html"]
     assert "omitted" not in section["html"]
+
+
+def test_occlusion_keeps_working_on_a_vit_token_model(tmp_path, images):
+    import warnings
+
+    torch.set_num_threads(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = run_probe("occlusion", "vit_tiny_patch16_224", images=[sorted(images.iterdir())[0]],
+                        out=tmp_path, overview=False, window=112, stride=112)  # fmt: skip
+    meta = json.loads((tmp_path / "occlusion" / "occlusion.json").read_text())
+    z = np.load(tmp_path / "occlusion" / "occlusion.npz")
+    assert z["prob_target"].shape[0] == 1 and np.isfinite(z["prob_target"]).all()
+    assert meta["per_image"] and res.files

@@ -83,6 +83,73 @@ def load_model(
     return model.to(resolve_device(device)).eval(), label
 
 
+def _staged_run(
+    probe_cls, opts, net, label, image_paths, weights, out_root, final_dir, main, dev, seed, host,
+    progress_factory, images, note_sink,
+) -> ProbeResult:  # fmt: skip
+    """Run the probe into a staging folder (rank 0) or a throw-away one (other ranks), write its
+    section and run.json, and swap the folder in for ``final_dir``."""
+    with contextlib.ExitStack() as stack:
+        if main:  # the probe's folder is swapped in only when the run is complete
+            work_dir = stack.enter_context(staged_dir(final_dir))
+        else:  # other torchrun ranks compute alongside but write nothing shared
+            import tempfile
+
+            work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="convlens-")))
+        ctx = ProbeContext(
+            model=net,
+            model_name=label,
+            images=image_paths,
+            out_dir=work_dir,
+            options=opts,
+            device=dev,
+            seed=seed,
+            probes=host.probes,
+            report_dir=out_root,
+            progress_factory=progress_factory,
+            images_given=bool(images),
+            note_sink=note_sink,
+        )
+        instance = probe_cls()
+        result = instance.run(ctx)
+        section = instance.render(result, ctx)
+        if not main:
+            return result
+        if section is None:  # no render: the report still shows what the probe found
+            section = default_section(probe_cls, result)
+        if section is not None:
+            write_json(work_dir / "section.json", {"key": probe_cls.name, **section.to_dict()})
+        from convlens import __version__
+
+        def final(f: str | Path) -> str:
+            try:
+                return str(final_dir / Path(f).relative_to(work_dir))
+            except ValueError:
+                return str(f)
+
+        write_json(
+            work_dir / "run.json",
+            {
+                "probe": probe_cls.name,
+                "model": label,
+                "weights": str(weights)
+                if weights
+                else getattr(getattr(net, "convlens_info", None), "weights", None),
+                "images": [str(p) for p in image_paths],
+                "options": json.loads(json.dumps(opts, default=str)),
+                "seed": seed,
+                "device": str(dev),
+                "convlens_version": __version__,
+                "torch_version": torch.__version__,
+                "python": platform.python_version(),
+                "summary": result.summary,
+                "files": [final(f) for f in result.files],
+            },
+        )
+        result.files = [Path(final(f)) for f in result.files]
+    return result
+
+
 def default_section(probe_cls: type, result: ProbeResult) -> ReportSection:
     """The report section of a probe without ``render``: its summary as a table."""
     rows = "".join(
@@ -278,70 +345,18 @@ def _run_probe(
     out_root = Path(out)
     final_dir = out_root / probe_cls.name
     main = _rank() == 0
-    with contextlib.ExitStack() as stack:
-        if main:  # one run per output folder; the probe's folder swapped in only when complete
-            stack.enter_context(output_lock(out_root))
-            work_dir = stack.enter_context(staged_dir(final_dir))
-        else:  # other torchrun ranks compute alongside but write nothing shared
-            import tempfile
-
-            work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="convlens-")))
-        ctx = ProbeContext(
-            model=net,
-            model_name=label,
-            images=image_paths,
-            out_dir=work_dir,
-            options=opts,
-            device=dev,
-            seed=seed,
-            probes=host.probes,
-            report_dir=out_root,
-            progress_factory=progress_factory,
-            images_given=bool(images),
-            note_sink=note_sink,
-        )
-        instance = probe_cls()
-        result = instance.run(ctx)
-        section = instance.render(result, ctx)
-        if not main:
-            return result
-        if section is None:  # no render: the report still shows what the probe found
-            section = default_section(probe_cls, result)
-        if section is not None:
-            write_json(work_dir / "section.json", {"key": probe_cls.name, **section.to_dict()})
-        from convlens import __version__
-
-        def final(f: str | Path) -> str:
-            try:
-                return str(final_dir / Path(f).relative_to(work_dir))
-            except ValueError:
-                return str(f)
-
-        write_json(
-            work_dir / "run.json",
-            {
-                "probe": probe_cls.name,
-                "model": label,
-                "weights": str(weights)
-                if weights
-                else getattr(getattr(net, "convlens_info", None), "weights", None),
-                "images": [str(p) for p in image_paths],
-                "options": json.loads(json.dumps(opts, default=str)),
-                "seed": seed,
-                "device": str(dev),
-                "convlens_version": __version__,
-                "torch_version": torch.__version__,
-                "python": platform.python_version(),
-                "summary": result.summary,
-                "files": [final(f) for f in result.files],
-            },
-        )
-        result.files = [Path(final(f)) for f in result.files]
-        ctx.out_dir = final_dir
-    # swapped in: OUT/<probe> now holds exactly this run's files; the overview and the report
-    # are rewritten together, under the lock, so they describe the same runs
-    with output_lock(out_root):
-        if overview and probe_cls.needs_images:
-            write_overview(ctx, out_root)
-        build_report(out_root, meta={"model": label})
+    with contextlib.ExitStack() as held:
+        if main:  # one run per output folder, held until the report is rebuilt
+            held.enter_context(output_lock(out_root))
+        result = _staged_run(
+            probe_cls, opts, net, label, image_paths, weights, out_root, final_dir, main, dev,
+            seed, host, progress_factory, images, note_sink,
+        )  # fmt: skip
+        if main:
+            # swapped in: OUT/<probe> now holds exactly this run's files; the overview and the
+            # report are rewritten together, under the same lock, so they describe the same runs
+            ctx = ProbeContext(net, label, image_paths, final_dir, opts, dev, seed)
+            if overview and probe_cls.needs_images:
+                write_overview(ctx, out_root)
+            build_report(out_root, meta={"model": label})
     return result

@@ -111,11 +111,10 @@ def _overwrite_projection(model, x, plan, rec, seed) -> torch.Tensor:
     return g[0]
 
 
-def bench_projection() -> None:
-    from captum.attr import NeuronDeconvolution
-    from convlens_deconv import Seed, choose_method, mine_topk, project
+def _zfnet_case():
+    """Seeded zfnet, the 12 inputs, and the top-8 activations of conv5 channels 0-11 (96)."""
+    from convlens_deconv import Seed, mine_topk
 
-    from convlens.engine import record
     from convlens.models import create_model
 
     torch.manual_seed(0)
@@ -124,6 +123,16 @@ def bench_projection() -> None:
     top = mine_topk(model, "conv5", x, channels=range(12), k=8)
     seeds = [Seed(e["image"], e["channel"], e["y"], e["x"]) for e in top.entries()]
     assert len(seeds) == 96, len(seeds)
+    return model, x, seeds
+
+
+def bench_projection() -> None:
+    from captum.attr import NeuronDeconvolution
+    from convlens_deconv import Seed, choose_method, project
+
+    from convlens.engine import record
+
+    model, x, seeds = _zfnet_case()
     print(
         f"zfnet conv5, {len(x)} images of {tuple(x.shape[1:])}, {len(seeds)} top activations "
         f"(channels 0-11 x top-8), torch threads: {torch.get_num_threads()}"
@@ -372,16 +381,12 @@ REPEATS = 3
 
 def bench_rules() -> None:
     from captum.attr import NeuronDeconvolution, NeuronGradient, NeuronGuidedBackprop
-    from convlens_deconv import Seed, layer_activation, mine_topk, project
+    from convlens_deconv import Seed, layer_activation, project
 
     from convlens.engine import resolve_layer
     from convlens.models import create_model
 
-    torch.manual_seed(0)
-    zf = create_model("zfnet").eval()
-    xz = _photos(zf)
-    top = mine_topk(zf, "conv5", xz, channels=range(12), k=8)
-    zseeds = [Seed(e["image"], e["channel"], e["y"], e["x"]) for e in top.entries()]
+    zf, xz, zseeds = _zfnet_case()
     lite = create_model("efficientnet_lite0").eval()
     xl = _photos(lite)[:6]
     act = layer_activation(lite, xl, "blocks.5")

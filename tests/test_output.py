@@ -13,18 +13,12 @@ import torch
 
 import convlens
 from convlens.errors import ConvlensError
-from convlens.models import ModelInfo
 from convlens.output import LOCK_NAME, output_lock, staged_dir
-from convlens.testing import tiny_model
+from convlens.testing import tiny_probe_model
 
 
 def tiny():
-    model, shape = tiny_model("chain")
-    model.convlens_info = ModelInfo(
-        name="tiny-chain", family="test", weights="random", random_init=True, num_classes=5,
-        input_size=tuple(shape[1:]),
-    )  # fmt: skip
-    return model
+    return tiny_probe_model("chain")
 
 
 def run(out, images, **kw):

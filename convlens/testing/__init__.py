@@ -13,6 +13,14 @@ from convlens.testing.models import (
     TinyChainNet,
     TinyResNet,
     tiny_model,
+    tiny_probe_model,
 )
 
-__all__ = ["TinyChainNet", "FunctionalNet", "ReusedModuleNet", "TinyResNet", "tiny_model"]
+__all__ = [
+    "TinyChainNet",
+    "FunctionalNet",
+    "ReusedModuleNet",
+    "TinyResNet",
+    "tiny_model",
+    "tiny_probe_model",
+]

@@ -131,3 +131,16 @@ def tiny_model(kind: str = "chain", seed: int = 0, **kwargs) -> tuple[nn.Module,
             bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
     size = _INPUTS[kind]
     return model, torch.Size((1, 3, size, size))
+
+
+def tiny_probe_model(kind: str = "chain", seed: int = 0, **kwargs) -> nn.Module:
+    """:func:`tiny_model` with the ``convlens_info`` a probe reads (name, 5 classes, its input
+    size, random weights): ready for ``convlens.run_probe(name, model, ...)``."""
+    from convlens.models import ModelInfo
+
+    model, shape = tiny_model(kind, seed, **kwargs)
+    model.convlens_info = ModelInfo(
+        name=f"tiny-{kind}", family="test", weights="random", random_init=True, num_classes=5,
+        input_size=tuple(shape[1:]),
+    )  # fmt: skip
+    return model

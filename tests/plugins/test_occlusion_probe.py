@@ -14,9 +14,8 @@ from convlens_occlusion import POSITION_BUDGET, OcclusionProbe, auto_stride, par
 
 from convlens import record, run_probe
 from convlens.errors import ConvlensError
-from convlens.models import ModelInfo
 from convlens.plugins import PluginHost
-from convlens.testing import tiny_model
+from convlens.testing import tiny_probe_model
 
 ESPRESSO = 967
 # The cup (rim and coffee) in the 224x224 centre crop of skimage's coffee.png, annotated by eye:
@@ -59,12 +58,7 @@ def test_espresso_drops_where_the_square_covers_the_cup(tmp_path):
 
 @pytest.fixture
 def tiny_with_info():
-    model, shape = tiny_model("chain")
-    model.convlens_info = ModelInfo(
-        name="tiny-chain", family="test", weights="random", random_init=True, num_classes=5,
-        input_size=tuple(shape[1:]),
-    )  # fmt: skip
-    return model
+    return tiny_probe_model("chain")
 
 
 def test_every_number_is_recomputable_from_the_files(tmp_path, images, tiny_with_info):

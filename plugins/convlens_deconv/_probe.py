@@ -237,6 +237,7 @@ class DeconvProbe(convlens.Probe):
                              "strongest activations tie there and guided backprop projects "
                              f"them to zero: mining and projecting its input {sub} instead")  # fmt: skip
                 layers.append(sub)
+            layers = list(dict.fromkeys(layers))
         else:
             layers = [lay for lay, _ in depth_layers(model, rec=rec)]
         _check_maps(ctx.model_name, rec, layers, bool(requested))

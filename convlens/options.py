@@ -9,7 +9,14 @@ from typing import Any
 
 from convlens.errors import ConvlensError
 
-__all__ = ["Option", "parse_options", "parse_int_list", "parse_str_list"]
+__all__ = [
+    "Option",
+    "parse_options",
+    "parse_int_list",
+    "parse_str_list",
+    "parse_model_args",
+    "parse_numbers",
+]
 
 _TYPES = (int, float, str, bool, Path)
 
@@ -110,3 +117,40 @@ def parse_str_list(text: str | Sequence[str] | None) -> list[str]:
     if not isinstance(text, str):
         return [str(t) for t in text]
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_numbers(text: str | None, flag: str, kind: type = float) -> list | None:
+    """``"0.5,0.5,0.5"`` → ``[0.5, 0.5, 0.5]`` (``kind`` int or float); None stays None."""
+    if text is None:
+        return None
+    try:
+        return [kind(v) for v in str(text).replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise ConvlensError(f"{flag} {text!r}: expected comma-separated numbers") from None
+
+
+def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
+    """``["depth=18", "drop_rate=0.1", "pretrained=false", "name=x"]`` → typed kwargs: JSON
+    values (numbers, ``true``/``false``/``null``, lists), Python's ``True``/``False``/``None``,
+    anything else a string. A repeated key or an item without ``=`` is an error."""
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ConvlensError(f"--model-arg {item!r}: expected KEY=VALUE with KEY a name")
+        if key in out:
+            raise ConvlensError(f"--model-arg {key!r} given twice")
+        raw = raw.strip()
+        py = {"True": True, "False": False, "None": None}
+        if raw in py:
+            value: Any = py[raw]
+        else:
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                value = raw
+        out[key] = value
+    return out

@@ -59,33 +59,127 @@ def load_model(
     weights: str | Path | None = None,
     device: str | torch.device = "cpu",
     host=None,
+    *,
+    num_classes: int | None = None,
+    model_args: dict[str, Any] | None = None,
+    weights_key: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    input_size: Sequence[int] | int | None = None,
 ) -> tuple[nn.Module, str]:
     """A model by name (plugin-registered first, then convlens's registry and timm) or as given,
-    with ``weights`` loaded, in eval mode on ``device``. Returns ``(model, display name)``."""
+    with ``weights`` loaded, in eval mode on ``device``. Returns ``(model, display name)``.
+
+    ``num_classes`` and ``model_args`` go to the model's factory (a fine-tune's head, any
+    constructor argument); ``weights_key`` picks the state dict under that checkpoint key
+    (``state_dict_ema``); ``mean``, ``std`` and ``input_size`` (``H``, ``(H, W)`` or
+    ``(3, H, W)``) override the preprocessing the model carries. An ``nn.Module`` with no
+    preprocessing metadata (no ``convlens_info``, no timm ``pretrained_cfg``) and no override
+    gets a :class:`PreprocessAssumedWarning` naming the assumption."""
     from convlens import models as model_zoo
 
+    extra = dict(model_args or {})
     if isinstance(name, nn.Module):
+        if num_classes is not None or extra:
+            raise ConvlensError(
+                "num_classes / model arguments apply to a model built by name, not to an "
+                "nn.Module that is already built"
+            )
         info = getattr(name, "convlens_info", None)
         model, label = name, (getattr(info, "name", None) or type(name).__name__)
         if weights is not None:
-            model_zoo.load_weights(model, weights)
+            model_zoo.load_weights(model, weights, key=weights_key)
     else:
         from convlens.plugins import get_host
 
         host = host or get_host()
         if name in host.models:
-            model = host.models.get(name)()
+            if num_classes is not None:
+                extra["num_classes"] = num_classes
+            model = host.models.get(name)(**extra)
             if weights is not None:
-                model_zoo.load_weights(model, weights)
+                model_zoo.load_weights(model, weights, key=weights_key)
         else:
-            model = model_zoo.create_model(name, weights=weights)
+            model = model_zoo.create_model(
+                name, weights=weights, num_classes=num_classes, weights_key=weights_key, **extra
+            )
         label = name
+    _override_preprocess(model, label, mean, std, input_size)
     return model.to(resolve_device(device)).eval(), label
+
+
+class PreprocessAssumedWarning(UserWarning):
+    """A model came with no preprocessing metadata: ImageNet mean/std at 224 px were assumed."""
+
+
+def _triple(values: Sequence[float] | None, what: str) -> tuple[float, float, float] | None:
+    if values is None:
+        return None
+    v = tuple(float(x) for x in values)
+    if len(v) == 1:
+        v = v * 3
+    if len(v) != 3 or (what == "std" and min(v) <= 0):
+        raise ConvlensError(f"--{what} {','.join(map(str, values))}: expected 3 values"
+                            + (" > 0" if what == "std" else ""))  # fmt: skip
+    return v  # type: ignore[return-value]
+
+
+def _size(value: Sequence[int] | int | None) -> tuple[int, int, int] | None:
+    if value is None:
+        return None
+    v = (int(value),) if isinstance(value, int) else tuple(int(x) for x in value)
+    if len(v) == 1:
+        v = (3, v[0], v[0])
+    elif len(v) == 2:
+        v = (3, *v)
+    if len(v) != 3 or v[0] != 3 or min(v[1:]) < 8:
+        raise ConvlensError(f"--input-size {value}: expected H, H,W or 3,H,W (>= 8 px)")
+    return v  # type: ignore[return-value]
+
+
+def _override_preprocess(model: nn.Module, label: str, mean, std, input_size) -> None:
+    """Apply ``--mean/--std/--input-size`` to the model's ``convlens_info`` (creating one for a
+    bare ``nn.Module``); warn when a bare module has neither metadata nor overrides."""
+    import dataclasses
+    import warnings
+
+    from convlens.models import ModelInfo
+
+    m, s, size = _triple(mean, "mean"), _triple(std, "std"), _size(input_size)
+    info = getattr(model, "convlens_info", None)
+    if m is None and s is None and size is None:
+        if info is None and not getattr(model, "pretrained_cfg", None):
+            warnings.warn(
+                f"model {label!r} carries no preprocessing (no convlens_info, no timm "
+                "pretrained_cfg): assuming ImageNet mean/std at 224 px; pass --mean, --std, "
+                "--input-size (mean=, std=, input_size= from Python) if it was trained otherwise",
+                PreprocessAssumedWarning,
+                stacklevel=3,
+            )
+        return
+    if info is None:
+        from convlens.data import Preprocess
+
+        base = Preprocess.for_model(model)
+        info = ModelInfo(
+            name=label, family="custom", weights="as given", random_init=False,
+            num_classes=None, input_size=(3, *base.input_size), mean=tuple(base.mean),
+            std=tuple(base.std), interpolation=base.interpolation,
+            crop_pct=max(base.input_size) / base.resize,
+        )  # fmt: skip
+    changes: dict[str, Any] = {}
+    if m is not None:
+        changes["mean"] = m
+    if s is not None:
+        changes["std"] = s
+    if size is not None:
+        changes["input_size"] = size
+    model.convlens_info = dataclasses.replace(info, **changes)
 
 
 def _staged_run(
     probe_cls, opts, net, label, image_paths, weights, out_root, final_dir, main, dev, seed, host,
-    progress_factory, images, note_sink,
+    progress_factory, images, note_sink, model_kw,
 ) -> ProbeResult:  # fmt: skip
     """Run the probe into a staging folder (rank 0) or a throw-away one (other ranks), write its
     section and run.json, and swap the folder in for ``final_dir``."""
@@ -120,6 +214,7 @@ def _staged_run(
         if section is not None:
             write_json(work_dir / "section.json", {"key": probe_cls.name, **section.to_dict()})
         from convlens import __version__
+        from convlens.data import Preprocess
 
         def final(f: str | Path) -> str:
             try:
@@ -135,6 +230,10 @@ def _staged_run(
                 "weights": str(weights)
                 if weights
                 else getattr(getattr(net, "convlens_info", None), "weights", None),
+                "weights_key": model_kw["weights_key"],
+                "num_classes": model_kw["num_classes"],
+                "model_args": json.loads(json.dumps(model_kw["model_args"], default=str)),
+                "preprocess": Preprocess.for_model(net).to_dict(),
                 "images": [str(p) for p in image_paths],
                 "options": json.loads(json.dumps(opts, default=str)),
                 "seed": seed,
@@ -300,9 +399,18 @@ def run_probe(
     progress_factory: Callable[..., Any] | None = None,
     overview: bool = True,
     note_sink: Callable[[str], None] | None = None,
+    num_classes: int | None = None,
+    model_args: dict[str, Any] | None = None,
+    weights_key: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    input_size: Sequence[int] | int | None = None,
     **options: Any,
 ) -> ProbeResult:
-    """Run one registered probe and write its files, its report section and the report."""
+    """Run one registered probe and write its files, its report section and the report.
+
+    ``num_classes``, ``model_args``, ``weights_key``, ``mean``, ``std``, ``input_size``: how the
+    model is built and fed (:func:`load_model`); all recorded in ``run.json``."""
     from convlens.io import check_writable_dir
     from convlens.plugins import get_host
 
@@ -312,9 +420,13 @@ def run_probe(
     fresh = not Path(out).exists()
     check_writable_dir(out)  # before any work: a file in the way or no permission is exit 2
     try:
+        model_kw = {
+            "num_classes": num_classes, "model_args": dict(model_args or {}),
+            "weights_key": weights_key, "mean": mean, "std": std, "input_size": input_size,
+        }  # fmt: skip
         return _run_probe(
             probe_cls, opts, model, images, weights, Path(out), device, seed, host,
-            progress_factory, overview, note_sink,
+            progress_factory, overview, note_sink, model_kw,
         )  # fmt: skip
     except BaseException:
         if fresh:  # a failed first run leaves no folder behind (only its lock file was there)
@@ -331,13 +443,19 @@ def run_probe(
 
 def _run_probe(
     probe_cls, opts, model, images, weights, out: Path, device, seed, host, progress_factory,
-    overview, note_sink,
+    overview, note_sink, model_kw,
 ) -> ProbeResult:  # fmt: skip
     from convlens.data import default_images
 
     dev = resolve_device(device)
     seed_everything(seed)
-    net, label = load_model(model, weights=weights, device=dev, host=host)
+    net, label = load_model(model, weights=weights, device=dev, host=host, **model_kw)
+    if any(model_kw[k] is not None for k in ("mean", "std", "input_size")) and note_sink:
+        from convlens.data import Preprocess
+
+        pp = Preprocess.for_model(net)
+        note_sink(f"preprocessing of {label}: resize {pp.resize}, crop {pp.input_size[0]}x"
+                  f"{pp.input_size[1]}, mean {pp.mean}, std {pp.std}")  # fmt: skip
     image_paths = [Path(p) for p in images] if images else list(default_images())
     for p in image_paths:
         if not p.exists():
@@ -350,7 +468,7 @@ def _run_probe(
             held.enter_context(output_lock(out_root))
         result = _staged_run(
             probe_cls, opts, net, label, image_paths, weights, out_root, final_dir, main, dev,
-            seed, host, progress_factory, images, note_sink,
+            seed, host, progress_factory, images, note_sink, model_kw,
         )  # fmt: skip
         if main:
             # swapped in: OUT/<probe> now holds exactly this run's files; the overview and the

@@ -56,14 +56,30 @@ def layers(
     size: Annotated[
         int | None, typer.Option("--size", help="Input height/width (default: the model's).")
     ] = None,
+    num_classes: Annotated[
+        int | None,
+        typer.Option("--num-classes", min=1, help="Classifier size of a fine-tuned model."),
+    ] = None,
+    model_arg: Annotated[
+        list[str] | None,
+        typer.Option("--model-arg", help="KEY=VALUE for the model's factory; repeatable."),
+    ] = None,
+    weights_key: Annotated[
+        str | None,
+        typer.Option("--weights-key", help="Checkpoint key holding the weights."),
+    ] = None,
 ) -> None:
     """Table of a model's layers: name, type, output shape, receptive field."""
     import torch
 
     from convlens.engine import trace_model
+    from convlens.options import parse_model_args
     from convlens.runner import load_model
 
-    net, label = load_model(model, weights=weights, device="cpu")
+    net, label = load_model(
+        model, weights=weights, device="cpu", num_classes=num_classes,
+        model_args=parse_model_args(model_arg or []), weights_key=weights_key,
+    )  # fmt: skip
     x = None
     if size is not None:
         info = getattr(net, "convlens_info", None)

@@ -76,7 +76,46 @@ def _common_params() -> list[inspect.Parameter]:
             default=0,
             annotation=Annotated[int, typer.Option("--seed", help="Random seed (recorded).")],
         ),
+        *model_params(),
     ]
+
+
+def model_params() -> list[inspect.Parameter]:
+    """How the model is built and fed: shared by every probe and ``convlens layers``."""
+    kw = inspect.Parameter.KEYWORD_ONLY
+    opt = typer.Option
+    return [
+        inspect.Parameter("num_classes", kw, default=None, annotation=Annotated[
+            int | None, opt("--num-classes", min=1,
+                            help="Classifier size of a fine-tuned model (e.g. 10).")]),
+        inspect.Parameter("model_arg", kw, default=None, annotation=Annotated[
+            list[str] | None, opt("--model-arg", help="KEY=VALUE for the model's factory "
+                                  "(typed: 3, 0.5, true, [1,2], text); repeatable.")]),
+        inspect.Parameter("weights_key", kw, default=None, annotation=Annotated[
+            str | None, opt("--weights-key", help="Checkpoint key holding the weights, e.g. "
+                            "state_dict_ema.")]),
+        inspect.Parameter("mean", kw, default=None, annotation=Annotated[
+            str | None, opt("--mean", help="Normalisation mean, 3 values (0-1 RGB): "
+                            "0.485,0.456,0.406.")]),
+        inspect.Parameter("std", kw, default=None, annotation=Annotated[
+            str | None, opt("--std", help="Normalisation std, 3 values.")]),
+        inspect.Parameter("input_size", kw, default=None, annotation=Annotated[
+            str | None, opt("--input-size", help="Input crop: H, H,W or 3,H,W (pixels).")]),
+    ]  # fmt: skip
+
+
+def model_kwargs(base: dict[str, Any]) -> dict[str, Any]:
+    """The CLI's model options as ``load_model`` / ``run_probe`` keyword arguments."""
+    from convlens.options import parse_model_args, parse_numbers
+
+    return {
+        "num_classes": base.pop("num_classes", None),
+        "model_args": parse_model_args(base.pop("model_arg", None) or []),
+        "weights_key": base.pop("weights_key", None),
+        "mean": parse_numbers(base.pop("mean", None), "--mean", float),
+        "std": parse_numbers(base.pop("std", None), "--std", float),
+        "input_size": parse_numbers(base.pop("input_size", None), "--input-size", int),
+    }
 
 
 def _option_param(opt: Option) -> inspect.Parameter:
@@ -109,8 +148,10 @@ def make_probe_command(probe_cls: type) -> Any:
         from convlens.runner import run_probe
 
         base = {k: kwargs.pop(k) for k in list(kwargs) if k in common}
+        mkw = model_kwargs(base)
         result = run_probe(
-            probe_cls.name, progress_factory=progress_bar, note_sink=show_note, **base, **kwargs
+            probe_cls.name, progress_factory=progress_bar, note_sink=show_note, **base, **mkw,
+            **kwargs,
         )
         table = Table(title=f"probe {probe_cls.name}", show_header=False)
         table.add_column("key")

@@ -135,8 +135,8 @@ def warn_random_weights(name: str, reason: str) -> None:
     filename, lineno, module_globals = _caller_outside_package()
     message = (
         f"model {name!r} has RANDOM weights: {reason}; its predictions and visualisations "
-        f"mean nothing. Pass weights=PATH (a .safetensors or torch checkpoint) to load trained "
-        f"weights."
+        f"mean nothing. Load trained weights with --weights PATH (weights=PATH from Python: a "
+        f".safetensors or torch checkpoint)."
     )
     warnings.warn_explicit(
         message,

@@ -162,12 +162,18 @@ def _resolve(name: str) -> ModelEntry:
     raise ModelNotFoundError(f"unknown model {name!r}: neither convlens nor timm has it{hint}")
 
 
+def _config_kwargs(stored: dict) -> dict:
+    """A stored config as factory kwargs (JSON lists back to the tuples typed configs hold)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
+
+
 def create_model(
     name: str,
     *,
     weights: str | os.PathLike[str] | None = None,
     pretrained: bool | None = None,
     num_classes: int | None = None,
+    weights_key: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build model ``name`` in eval mode, with ``convlens_info`` and ``convlens_aliases``.
@@ -178,6 +184,10 @@ def create_model(
       some (``efficientnet_lite0``), else gives random weights; ``pretrained=True`` insists
       (:class:`WeightsError` if there are none: convlens never downloads); ``pretrained=False``
       gives random weights.
+    - ``weights_key`` picks the state dict under that key of the checkpoint (``state_dict_ema``).
+    - A checkpoint that carries ``model_config = {"arch": NAME, **factory kwargs}`` (the
+      zeiler-fergus recipe's ``model.pt`` and checkpoints) rebuilds that configuration when
+      ``NAME`` is this model: explicit ``kwargs`` and ``num_classes`` still win.
     - ``num_classes`` sets the classifier size (``None``: the model's default, 1000).
     - other ``kwargs`` go to the factory (``ZFNetConfig`` fields for zfnet/alexnet, timm's
       keyword arguments for timm models); unknown ones raise :class:`ModelConfigError`.
@@ -222,6 +232,13 @@ def create_model(
             )
 
     factory_kwargs = dict(kwargs)
+    if weights is not None:
+        from convlens.models.checkpoint import checkpoint_model_config
+
+        stored = checkpoint_model_config(weights)
+        if stored is not None and stored.get("arch") in (entry.name, entry.family):
+            stored.pop("arch")
+            factory_kwargs = {**_config_kwargs(stored), **factory_kwargs}
     if num_classes is not None:
         factory_kwargs["num_classes"] = num_classes
     model = entry.factory(**factory_kwargs)
@@ -235,8 +252,8 @@ def create_model(
     elif weights is not None:
         from convlens.models.checkpoint import load_weights
 
-        load_weights(model, weights)
-        weights_tag = os.fspath(weights)
+        load_weights(model, weights, key=weights_key)
+        weights_tag = os.fspath(weights) + (f"[{weights_key}]" if weights_key else "")
     else:
         weights_tag = "random"
     model.eval()

@@ -283,6 +283,16 @@ def test_cli_miniature_writes_checkpoints_metrics_and_report(tmp_path: Path) -> 
     assert json.loads((run / "config.json").read_text())["batch_size"] == 16
     model = load_trained(run / "model.pt")  # weights_only, ready for the probes
     assert model.convlens_info.num_classes == 12
+    # the documented command loads the miniature's own weights (its config is in the file)
+    from convlens.models import create_model
+
+    raw = create_model("zfnet", weights=run / "model.pt")
+    assert raw.convlens_info.num_classes == 12 and not raw.convlens_info.random_init
+    sd = torch.load(run / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, sd[k]) for k, v in raw.state_dict().items())
+    layers = run_cli(["layers", "--model", "zfnet", "--weights", str(run / "model.pt")],
+                     timeout=240, env=env)  # fmt: skip
+    assert layers.returncode == 0, layers.stderr[-2000:]
     # never overwrite progress silently
     again = run_cli(args, timeout=240, env=env)
     assert again.returncode == 2 and "--resume" in again.stderr

@@ -60,6 +60,7 @@ def load_model(
     device: str | torch.device = "cpu",
     host=None,
     *,
+    pretrained: bool | None = None,
     num_classes: int | None = None,
     model_args: dict[str, Any] | None = None,
     weights_key: str | None = None,
@@ -101,8 +102,9 @@ def load_model(
                 model_zoo.load_weights(model, weights, key=weights_key)
         else:
             model = model_zoo.create_model(
-                name, weights=weights, num_classes=num_classes, weights_key=weights_key, **extra
-            )
+                name, weights=weights, pretrained=pretrained, num_classes=num_classes,
+                weights_key=weights_key, **extra,
+            )  # fmt: skip
         label = name
     _override_preprocess(model, label, mean, std, input_size)
     return model.to(resolve_device(device)).eval(), label
@@ -399,6 +401,7 @@ def run_probe(
     progress_factory: Callable[..., Any] | None = None,
     overview: bool = True,
     note_sink: Callable[[str], None] | None = None,
+    pretrained: bool | None = None,
     num_classes: int | None = None,
     model_args: dict[str, Any] | None = None,
     weights_key: str | None = None,
@@ -421,7 +424,7 @@ def run_probe(
     check_writable_dir(out)  # before any work: a file in the way or no permission is exit 2
     try:
         model_kw = {
-            "num_classes": num_classes, "model_args": dict(model_args or {}),
+            "pretrained": pretrained, "num_classes": num_classes, "model_args": dict(model_args or {}),
             "weights_key": weights_key, "mean": mean, "std": std, "input_size": input_size,
         }  # fmt: skip
         return _run_probe(

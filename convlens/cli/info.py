@@ -56,6 +56,9 @@ def layers(
     size: Annotated[
         int | None, typer.Option("--size", help="Input height/width (default: the model's).")
     ] = None,
+    pretrained: Annotated[
+        bool, typer.Option("--pretrained", help="timm's pretrained weights, from the HF cache.")
+    ] = False,
     num_classes: Annotated[
         int | None,
         typer.Option("--num-classes", min=1, help="Classifier size of a fine-tuned model."),
@@ -78,6 +81,7 @@ def layers(
 
     net, label = load_model(
         model, weights=weights, device="cpu", num_classes=num_classes,
+        pretrained=True if pretrained else None,
         model_args=parse_model_args(model_arg or []), weights_key=weights_key,
     )  # fmt: skip
     x = None

@@ -85,6 +85,9 @@ def model_params() -> list[inspect.Parameter]:
     kw = inspect.Parameter.KEYWORD_ONLY
     opt = typer.Option
     return [
+        inspect.Parameter("pretrained", kw, default=False, annotation=Annotated[
+            bool, opt("--pretrained", help="timm's pretrained weights, from the Hugging Face "
+                      "cache (tags such as resnet50.a1_in1k and hf-hub: names imply it).")]),
         inspect.Parameter("num_classes", kw, default=None, annotation=Annotated[
             int | None, opt("--num-classes", min=1,
                             help="Classifier size of a fine-tuned model (e.g. 10).")]),
@@ -109,6 +112,7 @@ def model_kwargs(base: dict[str, Any]) -> dict[str, Any]:
     from convlens.options import parse_model_args, parse_numbers
 
     return {
+        "pretrained": True if base.pop("pretrained", False) else None,
         "num_classes": base.pop("num_classes", None),
         "model_args": parse_model_args(base.pop("model_arg", None) or []),
         "weights_key": base.pop("weights_key", None),

@@ -162,6 +162,40 @@ def _resolve(name: str) -> ModelEntry:
     raise ModelNotFoundError(f"unknown model {name!r}: neither convlens nor timm has it{hint}")
 
 
+def _timm_pretrained(name: str, num_classes: int | None, kwargs: dict) -> nn.Module:
+    """A timm model with its pretrained weights from the Hugging Face cache (``--pretrained``, a
+    pretrained tag, ``hf-hub:``/``timm/`` names), with that config's preprocessing."""
+    import hashlib
+
+    from timm.data import resolve_data_config
+
+    from convlens.models.timm_adapter import create_timm_pretrained
+
+    model, repo, path = create_timm_pretrained(name, num_classes=num_classes, **kwargs)
+    model.eval()
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    cfg = resolve_data_config({}, model=model)
+    n_classes = getattr(model, "num_classes", None)
+    interpolation = cfg.get("interpolation", "bilinear")
+    model.convlens_info = ModelInfo(
+        name=name,
+        family="timm",
+        weights=f"pretrained:hf-hub:{repo}@sha256:{digest.hexdigest()[:16]}",
+        random_init=False,
+        num_classes=n_classes if isinstance(n_classes, int) else num_classes,
+        input_size=tuple(cfg["input_size"]),
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        interpolation=interpolation if interpolation == "bicubic" else "bilinear",
+        crop_pct=float(cfg.get("crop_pct") or 0.875),
+        class_names=imagenet_class_names() if n_classes == 1000 else None,
+    )
+    return model
+
+
 def _config_kwargs(stored: dict) -> dict:
     """A stored config as factory kwargs (JSON lists back to the tuples typed configs hold)."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
@@ -184,6 +218,10 @@ def create_model(
       some (``efficientnet_lite0``), else gives random weights; ``pretrained=True`` insists
       (:class:`WeightsError` if there are none: convlens never downloads); ``pretrained=False``
       gives random weights.
+    - timm models: ``pretrained=True``, a pretrained tag (``resnet50.a1_in1k``) or an
+      ``hf-hub:org/name`` / ``timm/name`` name load timm's pretrained weights the way timm does,
+      from the Hugging Face cache only (the hub is put in offline mode); nothing cached is a
+      one-line :class:`WeightsError` naming the cache folder and how to fetch the weights.
     - ``weights_key`` picks the state dict under that key of the checkpoint (``state_dict_ema``).
     - A checkpoint that carries ``model_config = {"arch": NAME, **factory kwargs}`` (the
       zeiler-fergus recipe's ``model.pt`` and checkpoints) rebuilds that configuration when
@@ -194,7 +232,17 @@ def create_model(
 
     Random weights always issue a :class:`RandomWeightsWarning` naming the model.
     """
-    entry = _resolve(name)
+    if isinstance(name, str) and name.startswith("timm/"):  # timm's own hub names
+        name = "hf-hub:" + name
+    hub = isinstance(name, str) and name.startswith("hf-hub:")
+    if hub and weights is not None:
+        raise WeightsError(f"model {name!r}: an hf-hub name brings its own weights; not weights=")
+    entry = None if hub else _resolve(name)
+    tagged = entry is not None and entry.family == "timm" and "." in name
+    if weights is None and pretrained is not False and (
+        hub or (entry is not None and entry.family == "timm" and (pretrained or tagged))
+    ):
+        return _timm_pretrained(name, num_classes, kwargs)
     if weights is not None and pretrained:
         raise WeightsError(
             f"model {entry.name!r}: pass either weights=PATH or pretrained=True, not both"

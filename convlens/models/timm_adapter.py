@@ -7,6 +7,8 @@ imported on first use only (it takes seconds to import).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
 
@@ -98,3 +100,82 @@ def disable_inplace(model: nn.Module) -> int:
             module.inplace = False
             switched += 1
     return switched
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """The Hugging Face hub in offline mode for the block: files come from its cache or not at
+    all (convlens never downloads)."""
+    from huggingface_hub import constants
+
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old
+
+
+def hub_repo(name: str) -> str | None:
+    """The Hugging Face repository timm loads ``name``'s pretrained weights from."""
+    if name.startswith("hf-hub:"):
+        return name[len("hf-hub:") :].split("@")[0]
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    return getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+
+
+def cached_weights_file(repo: str) -> str | None:
+    """The weights file of ``repo`` in the Hugging Face cache, or None (nothing is fetched)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        path = try_to_load_from_cache(repo, filename)
+        if isinstance(path, str):
+            return path
+    return None
+
+
+def create_timm_pretrained(name: str, *, num_classes: int | None = None, **kwargs: Any):
+    """``timm.create_model(name, pretrained=True)`` — tags (``resnet50.a1_in1k``) and
+    ``hf-hub:org/name`` included — loading from the Hugging Face cache only. Returns
+    ``(model, repo, weights file)``; nothing cached is a one-line :class:`WeightsError` naming
+    the model, the cache folder searched and how to fetch it on a connected machine."""
+    import timm
+    from huggingface_hub import constants
+
+    from convlens.errors import WeightsError
+
+    if not name.startswith("hf-hub:") and not is_timm_model(name):
+        from convlens.models._registry import MODELS
+
+        hint = close_matches(name, MODELS.names() + list(timm_model_names()))
+        raise ModelNotFoundError(f"unknown model {name!r}: neither convlens nor timm has it{hint}")
+    repo = hub_repo(name)
+    if repo is None:
+        raise WeightsError(f"model {name!r}: timm knows no pretrained weights for it")
+    path = cached_weights_file(repo)
+    if path is None:
+        raise WeightsError(
+            f"model {name!r}: its pretrained weights ({repo}) are not in the Hugging Face cache "
+            f"{constants.HF_HUB_CACHE} and convlens never downloads; on a connected machine run "
+            f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\" and copy "
+            "that cache folder here (or point HF_HOME at a copy)"
+        )
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    try:
+        with hub_offline():
+            model = timm.create_model(name, pretrained=True, **kwargs)
+    except TypeError as e:
+        raise ModelConfigError(f"model {name!r}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - hub and timm raise many kinds
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(
+            f"model {name!r}: its cached pretrained weights ({repo}) could not be loaded "
+            f"({type(e).__name__}: {first})"
+        ) from None
+    disable_inplace(model)
+    model.convlens_aliases = {}
+    return model, repo, path

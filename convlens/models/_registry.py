@@ -222,6 +222,9 @@ def create_model(
       ``hf-hub:org/name`` / ``timm/name`` name load timm's pretrained weights the way timm does,
       from the Hugging Face cache only (the hub is put in offline mode); nothing cached is a
       one-line :class:`WeightsError` naming the cache folder and how to fetch the weights.
+    - ``torchvision:NAME[:WEIGHTS]``: a torchvision classification model with its pretrained
+      weights from the torch hub cache, its preprocessing and class names
+      (:mod:`convlens.models.torchvision_adapter`).
     - ``weights_key`` picks the state dict under that key of the checkpoint (``state_dict_ema``).
     - A checkpoint that carries ``model_config = {"arch": NAME, **factory kwargs}`` (the
       zeiler-fergus recipe's ``model.pt`` and checkpoints) rebuilds that configuration when
@@ -232,6 +235,12 @@ def create_model(
 
     Random weights always issue a :class:`RandomWeightsWarning` naming the model.
     """
+    if isinstance(name, str) and name.startswith("torchvision:"):
+        if weights is not None or pretrained is False:
+            raise WeightsError(f"model {name!r}: a torchvision: name brings its own weights")
+        from convlens.models.torchvision_adapter import create_torchvision_model
+
+        return create_torchvision_model(name, num_classes=num_classes, **kwargs)
     if isinstance(name, str) and name.startswith("timm/"):  # timm's own hub names
         name = "hf-hub:" + name
     hub = isinstance(name, str) and name.startswith("hf-hub:")

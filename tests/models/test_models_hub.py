@@ -90,3 +90,34 @@ def test_an_empty_cache_is_one_line_naming_the_folder_and_how_to_fetch(tmp_path)
     assert len(lines) == 1
     assert str(tmp_path / "empty" / "hub") in lines[0] and REPO in lines[0]
     assert "timm.create_model" in lines[0] and "never downloads" in lines[0]
+
+
+def test_torchvision_pretrained_from_the_torch_hub_cache_with_its_preprocessing(tmp_path):
+    import torchvision
+    from torchvision.models import get_model_weights
+
+    from convlens.errors import WeightsError
+    from convlens.models import create_model
+    from convlens.models.torchvision_adapter import checkpoint_path
+
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    try:
+        with pytest.raises(WeightsError, match=r"not in the torch hub cache .*hub/checkpoints"):
+            create_model("torchvision:squeezenet1_1")
+        w = get_model_weights("squeezenet1_1").DEFAULT
+        torch.manual_seed(0)
+        ref = torchvision.models.squeezenet1_1()
+        path = checkpoint_path(w.url)
+        path.parent.mkdir(parents=True)
+        torch.save(ref.state_dict(), path)
+        m = create_model("torchvision:squeezenet1_1")
+    finally:
+        torch.hub.set_dir(old)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(),
+                                                  ref.state_dict().values(), strict=True))  # fmt: skip
+    info = m.convlens_info
+    t = w.transforms()
+    assert info.input_size == (3, t.crop_size[0], t.crop_size[0])
+    assert info.mean == tuple(t.mean) and info.class_names[0] == w.meta["categories"][0]
+    assert info.weights.startswith("pretrained:torchvision:SqueezeNet1_1_Weights")

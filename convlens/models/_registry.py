@@ -247,9 +247,11 @@ def create_model(
     if hub and weights is not None:
         raise WeightsError(f"model {name!r}: an hf-hub name brings its own weights; not weights=")
     entry = None if hub else _resolve(name)
-    tagged = entry is not None and entry.family == "timm" and "." in name
+    # timm's own names (not convlens's registered models, which bring their offline weights)
+    plain_timm = entry is not None and entry.family == "timm" and entry.name not in MODELS
+    tagged = plain_timm and "." in name
     if weights is None and pretrained is not False and (
-        hub or (entry is not None and entry.family == "timm" and (pretrained or tagged))
+        hub or (plain_timm and (pretrained or tagged))
     ):
         return _timm_pretrained(name, num_classes, kwargs)
     if weights is not None and pretrained:

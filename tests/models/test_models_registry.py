@@ -29,7 +29,10 @@ FAMILIES = {
     "zfnet_mini": "zfnet",
     "alexnet": "alexnet",
     "efficientnet_lite0": "timm",
+    "efficientnet_lite1": "timm",
+    "efficientnet_lite2": "timm",
 }
+SIZES = {"efficientnet_lite1": 240, "efficientnet_lite2": 260}
 
 
 @pytest.fixture
@@ -53,7 +56,8 @@ def test_every_registered_model_builds_and_runs(name):
     info = model.convlens_info
     assert isinstance(info, ModelInfo)
     assert (info.name, info.family, info.num_classes) == (name, FAMILIES[name], 1000)
-    assert info.input_size == (3, 224, 224)
+    size = SIZES.get(name, 224)
+    assert info.input_size == (3, size, size)
     assert info.random_init == (info.weights == "random")
     assert not model.training
     modules = dict(model.named_modules())

@@ -232,6 +232,7 @@ def _staged_run(
                 "weights": str(weights)
                 if weights
                 else getattr(getattr(net, "convlens_info", None), "weights", None),
+                **_weights_record(weights, net),
                 "weights_key": model_kw["weights_key"],
                 "num_classes": model_kw["num_classes"],
                 "model_args": json.loads(json.dumps(model_kw["model_args"], default=str)),
@@ -249,6 +250,27 @@ def _staged_run(
         )
         result.files = [Path(final(f)) for f in result.files]
     return result
+
+
+def _weights_record(weights: str | Path | None, net: nn.Module) -> dict[str, Any]:
+    """Where the weights came from and a SHA-256 of their file, when there is one."""
+    import hashlib
+
+    tag = str(getattr(getattr(net, "convlens_info", None), "weights", "") or "")
+    path: Path | None = Path(weights) if weights is not None else None
+    if path is None and tag.startswith("pretrained:efficientnet-lite"):
+        from convlens.models.pretrained import lite_weights_path
+
+        path = lite_weights_path(int(tag.split("lite")[1][0]))
+    if path is None or not path.is_file():
+        sha = tag.split("@sha256:")[1] if "@sha256:" in tag else None
+        return {"weights_origin": tag or None, "weights_sha256": sha}
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return {"weights_origin": tag or str(path), "weights_file": str(path),
+            "weights_sha256": digest.hexdigest()}  # fmt: skip
 
 
 def default_section(probe_cls: type, result: ProbeResult) -> ReportSection:

@@ -47,6 +47,9 @@ def test_a_fine_tuned_resnet18_loads_with_num_classes_and_says_so_without(finetu
     res = runner.invoke(build_app(), ["layers", "--model", "resnet18", "--num-classes", "10",
                                       "--weights", str(d / "r18_10cls.safetensors")])  # fmt: skip
     assert res.exit_code == 0, res.output
+    res = runner.invoke(build_app(), ["layers", "--model", "resnet18", "--num-classes", "10",
+                                      "--weights", str(d / "checkpoint-7.pth.tar")])  # fmt: skip
+    assert res.exit_code == 0, res.output  # a timm training checkpoint: args, numpy metric
     net, _ = load_model("resnet18", weights=d / "checkpoint-7.pth.tar", num_classes=10,
                         weights_key="state_dict_ema")  # fmt: skip
     assert torch.equal(net.fc.weight, ref.fc.weight)

@@ -58,6 +58,7 @@ def test_a_pretrained_tag_loads_from_the_cache_and_run_json_records_its_origin(
     assert "RANDOM" not in res.stderr
     run = json.loads((tmp_path / "occlusion" / "run.json").read_text())
     assert run["weights"].startswith(f"pretrained:hf-hub:{REPO}@sha256:")
+    assert run["weights_sha256"] and run["weights"].endswith(run["weights_sha256"])
     assert run["preprocess"]["interpolation"] == "bicubic"  # timm's config for the tag
 
 

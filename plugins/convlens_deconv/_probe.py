@@ -414,9 +414,9 @@ class DeconvProbe(convlens.Probe):
             poster = {"layers": p_layers, "images": [str(bank.files[i]) for i in fixed_idx],
                       "rules": [], "entries": []}  # fmt: skip
             acts = _activations(model, x_fixed, p_layers)  # one inference pass for every layer
-            p_proj = []
             sides = {ld["layer"]: tuple(ld["crop_size"]) for ld in layer_docs if "crop_size" in ld}
-            for lay in p_layers:
+            for pi, lay in enumerate(p_layers):
+                p_proj: list[np.ndarray] = []  # this layer's crops (one size per layer)
                 if lay not in choices:
                     choices[lay] = choose_rule(model, x_ref, lay, o["rule"], mode=o["mode"],
                                                method=o["method"])  # fmt: skip
@@ -433,6 +433,7 @@ class DeconvProbe(convlens.Probe):
                     rf, hw, list(pp), [unit_center(rf, sd.y, sd.x, hw) for sd in seeds]
                 )
                 for s, p, a in zip(seeds, pp, res.activations, strict=True):
+                    box = unit_box(rf, s.y, s.x, hw, side)
                     entries.append(
                         _entry(
                             "poster",
@@ -447,15 +448,15 @@ class DeconvProbe(convlens.Probe):
                             rf,
                             hw,
                             o["start"],
-                            unit_box(rf, s.y, s.x, hw, side),
+                            box,
                             rule,
-                            "poster_projections",
+                            f"poster{pi}_projections",
                             len(p_proj),
                         )  # fmt: skip
                     )
-                    p_proj.append(p)
+                    p_proj.append(cut(p, box, 0.0).astype(np.float32))
                     poster["entries"].append(len(entries) - 1)
-            arrays["poster_projections"] = np.stack(p_proj)
+                arrays[f"poster{pi}_projections"] = np.stack(p_proj)
         timings["poster_s"] = time.perf_counter() - t
 
         # 4. filters (Fig. 6) -----------------------------------------------------------------
@@ -706,7 +707,7 @@ class DeconvProbe(convlens.Probe):
             "<p>Data: <code>deconv/deconv.json</code> (every layer's rule and its reason, every "
             "projection: image, layer, channel, position, activation, crop box) and "
             "<code>deconv/deconv.npz</code> (per layer <code>layerN_projections</code> and "
-            "<code>layerN_patches</code> cut to the crop boxes; <code>poster_projections</code>)."
+            "<code>layerN_patches</code> cut to the crop boxes; <code>posterN_projections</code>)."
             "</p>"
         )
         return convlens.ReportSection(
@@ -1004,7 +1005,7 @@ def _poster_png(doc, arrays, fixed_inputs, pre, model_label: str):
         row, lab = [], []
         for li in range(len(layers)):
             e = entries[li * n_img + j]
-            p = cut(arrays["poster_projections"][e["row"]], e["receptive_field"]["crop"], 0.0)
+            p = arrays[e["array"]][e["row"]]  # already cut to its crop
             row.append(resize(robust_stretch(_inside(p, e), background=BACKGROUND), size))
             lab.append(f"#{e['channel']} {e['activation']:.3g}")
         cells.append(row)

@@ -78,7 +78,12 @@ def test_probe_writes_documented_files_and_listed_projections_match_captum(tmp_p
         assert npz[f"layer{li}_projections"].dtype == np.float32
         assert npz[f"layer{li}_patches"].shape == (6, 3, h, w)
         assert npz[f"layer{li}_patches"].dtype == np.uint8
-    assert npz["poster_projections"].shape == (kinds.count("poster"), 3, 32, 32)
+    posters = [e for e in doc["projections"] if e["kind"] == "poster"]
+    for pi, lay in enumerate(doc["poster"]["layers"]):
+        arr = npz[f"poster{pi}_projections"]
+        mine = [e for e in posters if e["layer"] == lay]
+        x0, y0, x1, y1 = mine[0]["receptive_field"]["crop"]
+        assert arr.shape == (len(mine), 3, y1 - y0, x1 - x0)  # cut to the layer's crop
     figs = [f"fig2_{i}_{n}.png" for i, n in enumerate(("conv1", "conv2", "conv3"))]
     for name in (*figs, "poster_layers.png", "fig6_filters.png"):
         assert (out / name).stat().st_size > 0

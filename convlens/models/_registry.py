@@ -291,10 +291,12 @@ def create_model(
             )
 
     factory_kwargs = dict(kwargs)
-    if weights is not None:
-        from convlens.models.checkpoint import checkpoint_model_config
+    source = None
+    if weights is not None:  # read once: its model_config, then its tensors
+        from convlens.models.checkpoint import model_config_of, read_weights_file
 
-        stored = checkpoint_model_config(weights)
+        source = read_weights_file(weights)
+        stored = model_config_of(source)
         if stored is not None and stored.get("arch") in (entry.name, entry.family):
             stored.pop("arch")
             factory_kwargs = {**_config_kwargs(stored), **factory_kwargs}
@@ -311,7 +313,7 @@ def create_model(
     elif weights is not None:
         from convlens.models.checkpoint import load_weights
 
-        load_weights(model, weights, key=weights_key)
+        load_weights(model, weights, key=weights_key, source=source)
         weights_tag = os.fspath(weights) + (f"[{weights_key}]" if weights_key else "")
     else:
         weights_tag = "random"

@@ -31,6 +31,8 @@ __all__ = [
     "read_state_dict",
     "read_checkpoint",
     "checkpoint_model_config",
+    "model_config_of",
+    "read_weights_file",
     "WRAPPER_KEYS",
     "EMA_KEYS",
     "STRIPPED_PREFIXES",
@@ -111,29 +113,31 @@ def read_checkpoint(path: str | os.PathLike[str]) -> object:
         ) from None
 
 
-def checkpoint_model_config(path: str | os.PathLike[str]) -> dict | None:
-    """The ``model_config`` a checkpoint carries (``{"arch": name, **factory kwargs}``, as the
-    zeiler-fergus recipe writes it), or None (safetensors files, plain state dicts)."""
-    p = Path(path)
-    if p.suffix == ".safetensors" or not p.is_file():
-        return None
-    obj = read_checkpoint(p)
+def _some(keys: list[str]) -> str:
+    more = f", … ({len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else ""
+    return ", ".join(keys[:_SHOWN]) + more
+
+
+def model_config_of(obj: object) -> dict | None:
+    """The ``model_config`` a loaded checkpoint carries (``{"arch": name, **factory kwargs}``, as
+    the zeiler-fergus recipe writes it), or None (plain state dicts, safetensors)."""
     cfg = obj.get("model_config") if isinstance(obj, Mapping) else None
     if isinstance(cfg, Mapping) and isinstance(cfg.get("arch"), str):
         return dict(cfg)
     return None
 
 
-def _some(keys: list[str]) -> str:
-    more = f", … ({len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else ""
-    return ", ".join(keys[:_SHOWN]) + more
+def checkpoint_model_config(path: str | os.PathLike[str]) -> dict | None:
+    """:func:`model_config_of` the checkpoint at ``path`` (None for safetensors files)."""
+    p = Path(path)
+    if p.suffix == ".safetensors" or not p.is_file():
+        return None
+    return model_config_of(read_checkpoint(p))
 
 
-def read_state_dict(
-    path: str | os.PathLike[str], key: str | None = None
-) -> dict[str, torch.Tensor]:
-    """The state dict stored in ``path`` (on CPU), unwrapped and with prefixes stripped.
-    ``key``: take the state dict under that key of the checkpoint (e.g. ``state_dict_ema``)."""
+def read_weights_file(path: str | os.PathLike[str]) -> object:
+    """What ``path`` holds: a safetensors dict or a torch checkpoint (``weights_only``), read once;
+    :func:`read_state_dict` and :func:`load_weights` take it as ``source``."""
     p = Path(path)
     if not p.is_file():
         what = "is a directory, not" if p.is_dir() else "does not exist: no"
@@ -142,14 +146,22 @@ def read_state_dict(
         from safetensors.torch import load_file
 
         try:
-            obj: object = load_file(os.fspath(p), device="cpu")
+            return load_file(os.fspath(p), device="cpu")
         except Exception as e:  # safetensors raises several types
             raise WeightsError(
                 f"weights file {os.fspath(path)!r} is not a readable .safetensors file "
                 f"({_first_line(e)})"
             ) from None
-    else:
-        obj = read_checkpoint(p)
+    return read_checkpoint(p)
+
+
+def read_state_dict(
+    path: str | os.PathLike[str], key: str | None = None, source: object | None = None
+) -> dict[str, torch.Tensor]:
+    """The state dict stored in ``path`` (on CPU), unwrapped and with prefixes stripped.
+    ``key``: take the state dict under that key of the checkpoint (e.g. ``state_dict_ema``).
+    ``source``: the file's content when already read (:func:`read_weights_file`)."""
+    obj = read_weights_file(path) if source is None else source
     if key is not None:
         if not isinstance(obj, Mapping) or not isinstance(obj.get(key), Mapping):
             have = ", ".join(str(k) for k in obj) if isinstance(obj, Mapping) else "no keys"
@@ -210,6 +222,7 @@ def load_weights(
     path: str | os.PathLike[str],
     strict: bool = True,
     key: str | None = None,
+    source: object | None = None,
 ) -> tuple[list[str], list[str]]:
     """Load the weights in ``path`` into ``model`` in place.
 
@@ -220,7 +233,7 @@ def load_weights(
     The message lists a few of each kind, then counts; when only the classifier differs it
     suggests ``--num-classes``. Returns ``(missing_keys, unexpected_keys)`` (both empty when
     ``strict``)."""
-    state = read_state_dict(path, key)
+    state = read_state_dict(path, key, source)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

@@ -104,29 +104,35 @@ class _Rectify(torch.autograd.Function):
         return grad.clamp(min=0), None
 
 
+def _band(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """The slope of a piecewise-linear rectifier: 1 on ``(lo, hi)``, 0 outside (the values of
+    its autograd backward: ReLU ``(0, inf)``, ReLU6 ``(0, 6)``, hardtanh ``(min, max)``)."""
+    return ((x > lo) & (x < hi)).to(x.dtype)
+
+
 def module_slope(m, x: torch.Tensor) -> torch.Tensor:
     """``f'(x)`` of a rectifier module (closed forms for ReLU, ReLU6/Hardtanh, LeakyReLU; the
     module's own autograd derivative otherwise). The chain form's guided/gradient rules use it."""
     from torch import nn
 
     if isinstance(m, nn.ReLU):
-        return (x > 0).to(x.dtype)
+        return _band(x, 0.0, float("inf"))
     if isinstance(m, nn.Hardtanh):  # nn.ReLU6 is a Hardtanh(0, 6)
-        return ((x > m.min_val) & (x < m.max_val)).to(x.dtype)
+        return _band(x, m.min_val, m.max_val)
     if isinstance(m, nn.LeakyReLU):
         return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, m.negative_slope))
     return local_slope(m, x)
 
 
 def _gate(name: str, x: torch.Tensor, rest: tuple, kw: dict, fn) -> torch.Tensor:
-    """``max(f'(x), 0)`` — closed forms for the piecewise-linear rectifiers (the same values as
-    their autograd backward), :func:`local_slope` for the others."""
+    """``max(f'(x), 0)`` of a functional rectifier call (its arguments ``rest``/``kw``): the
+    closed forms of :func:`_band` where they apply, :func:`local_slope` for the others."""
     if name == "relu":
-        return (x > 0).to(x.dtype)
-    if name in ("relu6", "hardtanh"):
-        lo = _arg(rest, kw, 0, "min_val", -1.0) if name == "hardtanh" else 0.0
-        hi = _arg(rest, kw, 1, "max_val", 1.0) if name == "hardtanh" else 6.0
-        return ((x > lo) & (x < hi)).to(x.dtype)
+        return _band(x, 0.0, float("inf"))
+    if name == "relu6":
+        return _band(x, 0.0, 6.0)
+    if name == "hardtanh":
+        return _band(x, _arg(rest, kw, 0, "min_val", -1.0), _arg(rest, kw, 1, "max_val", 1.0))
     return local_slope(fn, x).clamp_(min=0)
 
 

@@ -224,7 +224,7 @@ class DeconvProbe(convlens.Probe):
             fixed_idx = bank.first_readable(o["poster_images"])
         else:
             fixed_idx = bank.first_readable(o["poster_images"], start=len(files))
-        x_fixed = bank.tensor()[bank.rows(fixed_idx)] if fixed_idx else bank.example()
+        x_fixed = bank.subset(bank.rows(fixed_idx))[0] if fixed_idx else bank.example()
 
         # the layers ---------------------------------------------------------------------------
         rec = trace_model(model, bank.example())
@@ -312,13 +312,15 @@ class DeconvProbe(convlens.Probe):
             }
             if found:
                 rows = bank.rows([e["image"] for e in found])
+                x_sub, local = bank.subset(rows)  # only the images these seeds come from
                 seeds = [
-                    Seed(r, e["channel"], e["y"], e["x"]) for r, e in zip(rows, found, strict=True)
+                    Seed(local[r], e["channel"], e["y"], e["x"])
+                    for r, e in zip(rows, found, strict=True)
                 ]
                 with ctx.progress(f"projecting {len(seeds)} at {lay}", len(seeds)) as advance:
                     res = project(
                         model,
-                        bank.tensor(),
+                        x_sub,
                         lay,
                         seeds,
                         method=o["method"],
@@ -371,9 +373,10 @@ class DeconvProbe(convlens.Probe):
         neurons = [_parse_neuron(text, len(files)) for text in o["neuron"] or []]
         if neurons:
             rows = bank.rows([n[0] for n in neurons])
-            seeds = [Seed(r, c, y, x) for r, (_, c, y, x) in zip(rows, neurons, strict=True)]
+            x_sub, local = bank.subset(rows)
+            seeds = [Seed(local[r], c, y, x) for r, (_, c, y, x) in zip(rows, neurons, strict=True)]
             rule = choices[deepest].rule
-            res = project(model, bank.tensor(), deepest, seeds, method=o["method"],
+            res = project(model, x_sub, deepest, seeds, method=o["method"],
                           mode=o["mode"], start=o["start"], rule=rule)  # fmt: skip
             rf = rec.rf(deepest)
             side = tuple(layer_docs[-1].get("crop_size") or crop_side(rf, hw))
@@ -721,8 +724,8 @@ class DeconvProbe(convlens.Probe):
 
 
 class _InputBank:
-    """The preprocessed images the projections belong to (``inputs`` of deconv.npz), loaded on
-    demand from the file list and kept in first-use order."""
+    """The preprocessed images the projections belong to, loaded on demand from the file list
+    (only those in some top-k, the poster and ``--neuron``) and kept in first-use order."""
 
     def __init__(self, files: list[Path], pre: Preprocess, device: torch.device) -> None:
         self.files = files
@@ -757,19 +760,17 @@ class _InputBank:
             out.append(i)
         return out
 
-    def tensor(self) -> torch.Tensor:
-        if not self.tensors:
-            return torch.zeros(0, 3, *self.pre.input_size, device=self.device)
-        return torch.stack(self.tensors).to(self.device)
+    def subset(self, rows: list[int]) -> tuple[torch.Tensor, dict[int, int]]:
+        """``(inputs of the distinct rows, row -> index in them)``, in ``rows``' first-use order:
+        a projection batch holds only the images its seeds come from, not the whole bank."""
+        order = list(dict.fromkeys(rows))
+        x = torch.stack([self.tensors[r] for r in order]).to(self.device)
+        return x, {r: i for i, r in enumerate(order)}
 
     def example(self) -> torch.Tensor:
         if self.tensors:
             return self.tensors[0][None].to(self.device)
         return torch.zeros(1, 3, *self.pre.input_size, device=self.device)
-
-    def paths(self) -> list[Path]:
-        order = sorted(self.index.items(), key=lambda kv: kv[1])
-        return [self.files[i] for i, _ in order]
 
 
 def _init_distributed(ctx: convlens.ProbeContext) -> bool:

@@ -247,7 +247,7 @@ class OcclusionProbe(convlens.Probe):
         x, paths, names = d["inputs"], d["paths"], d["names"]
         pre = ctx.preprocess
         figures, rows = [], []
-        projections, note, rule = _deconv_projections(ctx, x, res)
+        projections, note, rule = _deconv_projections(ctx, x, res)  # rule: (name, layer)
         for i, p in enumerate(paths):
             image = pre.denormalize(x[i]).permute(1, 2, 0).numpy()
             proj = None if projections is None else projections[i]
@@ -383,5 +383,5 @@ def _deconv_projections(ctx: ProbeContext, x: torch.Tensor, res: OcclusionMaps):
     for i in range(x.shape[0]):
         arr = projections[i].detach().cpu().float().numpy()
         out.append(robust_stretch(arr).transpose(1, 2, 0))
-    return out, None, choice.rule
+    return out, None, (choice.rule, layer)
 

@@ -84,7 +84,7 @@ def figure(
     fill_rgb: Sequence[float],
     projection: np.ndarray | None,
     title: str,
-    rule: str | None = None,
+    rule: tuple[str, str] | None = None,
 ) -> np.ndarray:
     """The row of Fig. 7 for one image as an RGB float array ``[H, W, 3]``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -122,7 +122,9 @@ def figure(
     tiles = [a, b] + ([projection] if projection is not None else []) + [d, e]
     titles = [f"(a) {title}", f"(b) {layer} map {channel}: total activity"]
     if projection is not None:
-        titles.append(f"(c) {rule or 'deconv'} projection of map {channel}")
+        name, seeded = rule or ("deconv", layer)
+        at = "" if seeded == layer else f"\nseeded at {seeded} (its input)"
+        titles.append(f"(c) {name} projection of map {channel}{at}")
     titles += [f"(d) p({short_name(names[target])}) under the square", "(e) most probable class"]
     d_index = 3 if projection is not None else 2
     pad = 6
@@ -140,6 +142,10 @@ def figure(
         fig.text((pad + i * tile_w + (tile_w - pad) / 2) / total_w,
                  (bottom + h_px + 6) / total_h, t, ha="center", va="bottom",
                  fontsize=7)  # fmt: skip
+    if projection is not None:  # (c) has no absolute scale: say how it is drawn
+        fig.text((pad + 2 * tile_w + (tile_w - pad) / 2) / total_w, 4 / total_h,
+                 "each image on its own scale (99.5th pct of |p|); grey = 0",
+                 ha="center", va="bottom", fontsize=6, color="#333333")  # fmt: skip
     # colour bars with the absolute values of (b) and (d); a nearly flat map says so
     for i, values, unit in ((1, feature, "summed activation"), (d_index, prob, "probability")):
         lo, hi = float(np.min(values)), float(np.max(values))

@@ -93,7 +93,7 @@ class SanityProbe(convlens.Probe):
                         min=0),
         convlens.Option("steps", int, 10, "Steps of the deletion/insertion curves.", min=2,
                         max=1000),
-        convlens.Option("cascade", int, 4, "Steps of the randomisation cascade (the last one "
+        convlens.Option("cascade", int, 3, "Steps of the randomisation cascade (the last one "
                         "re-initialises every block; 0: no cascade).", min=0, max=1000),
         convlens.Option("cascade_images", int, 2, "Images the cascade runs on (the first ones).",
                         min=1, max=1000),
@@ -472,7 +472,11 @@ def _section_html(d: dict[str, Any], figures: list[str]) -> str:
             f"<td>{'&ndash;' if ci is None else f'{ci:.2f}'}</td>"
             f"<td>{esc(', '.join(flag)) or 'ok' if n != 'random' else 'reference'}</td></tr>"
         )
-    warn = [v[n]["verdict"] for n in d["names"] if v[n]["verdict"] != "no warning"]
+    warn = [
+        v[n]["verdict"]
+        for n in d["names"]
+        if v[n].get("fails_randomisation") or v[n]["image_independent"] or not v[n]["beats_random"]
+    ]
     fails = [MAP_LABELS[n] for n in d["names"] if v[n].get("fails_randomisation")]
     casc = d["cascade"]
     s: MapSettings = d["settings"]

@@ -91,7 +91,7 @@ def main() -> None:
 
     grad = gradient_map(model, x, targets).astype(np.float32)
     rng = np.random.default_rng(0)
-    maps = {"gradient": grad + rng.random(grad.shape).astype(np.float32) * 1e-6,
+    maps = {"gradient": grad + rng.random(grad.shape).astype(np.float32) * 1e-4,  # no ties
             "random": rng.random((n, h, w)).astype(np.float32)}  # fmt: skip
     assert h * w % args.steps == 0, "steps must divide H*W for an exact comparison"
     print(f"\n# deletion, {args.steps} steps")

@@ -113,6 +113,9 @@ def run_atlas(
     if rule not in ("auto", "deconvnet", "guided", "gradient"):
         raise ConvlensError(f"--rule {rule!r}: expected auto, deconvnet, guided or gradient")
     resolve_units(units)  # a bad --units fails before any work
+    from convlens.data import open_dataset
+
+    dataset = open_dataset(images) if images else None  # a missing or empty DATASET, too
     out_dir = Path(out_dir)
     fresh = not out_dir.exists()
     check_writable_dir(out_dir)
@@ -135,7 +138,7 @@ def run_atlas(
 
                 work = Path(held.enter_context(tempfile.TemporaryDirectory(prefix="convlens-")))
             result = build_atlas(
-                net, work, model_name=label, images=images, layers=layers, units=units, k=top,
+                net, work, model_name=label, images=dataset, layers=layers, units=units, k=top,
                 rule=rule, batch_size=batch_size, device=dev, checkpoint_root=ckpt_root,
                 checkpoint_every=checkpoint_every, resume=resume, progress=progress_factory,
                 note=note_sink, key=key,

@@ -91,11 +91,15 @@ def _is_tar(path: Path) -> bool:
 
 
 def _tar_members(shard: Path) -> list[str]:
-    """Names of the image members of ``shard``, in stored order (headers only)."""
+    """Names of the image members of ``shard``, in stored order (headers only). A shard whose
+    bytes after the last complete member are not the zero blocks that end a tar (a header cut
+    in half, garbage) is refused: tarfile would take it for the end of the archive."""
     names: list[str] = []
     try:
         with tarfile.open(shard, mode="r:") as tf:
+            last = None
             for m in tf:
+                last = m.name
                 base = m.name.rsplit("/", 1)[-1]
                 if (
                     m.isfile()
@@ -103,6 +107,13 @@ def _tar_members(shard: Path) -> list[str]:
                     and m.name.lower().endswith(IMAGE_SUFFIXES)
                 ):
                     names.append(m.name)
+            end = tf.offset
+        with open(shard, "rb") as fh:
+            fh.seek(end)
+            while block := fh.read(1 << 20):
+                if block.count(0) != len(block):
+                    after = f"after member {last!r}" if last else "at its start"
+                    raise ConvlensError(f"{shard}: corrupt or truncated tar shard ({after})")
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise ConvlensError(f"{shard}: not a readable tar shard ({_why(exc)})") from None
     return names

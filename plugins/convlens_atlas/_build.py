@@ -138,7 +138,7 @@ def build_atlas(
     out_dir: Path,
     *,
     model_name: str,
-    images: Sequence[str | Path] | None = None,
+    images: ImageDataset | Sequence[str | Path] | None = None,
     layers: str | Sequence[str] | None = None,
     units: str | Sequence[int] | None = None,
     k: int = 9,
@@ -155,8 +155,8 @@ def build_atlas(
 ) -> AtlasResult | None:
     """Build the atlas of ``model`` into ``out_dir`` (a fresh folder; the CLI stages it).
 
-    ``images``: the DATASET (folders, files, ``.tar`` shards, brace patterns), None = the
-    embedded mining set. ``layers``: names (default: :func:`~convlens.engine.depth_layers`).
+    ``images``: the DATASET (folders, files, ``.tar`` shards, brace patterns, or an opened
+    :class:`~convlens.data.ImageDataset`), None = the embedded mining set. ``layers``: names (default: :func:`~convlens.engine.depth_layers`).
     ``units``: ``all``/None or ``0-63``. ``checkpoint_root``: where pass 1 checkpoints every
     ``checkpoint_every`` images (None: no checkpoint); with ``resume`` a matching checkpoint is
     continued. ``key``: what identifies the model for the checkpoint (name, weights). Under
@@ -177,10 +177,10 @@ def build_atlas(
 
     # the dataset ---------------------------------------------------------------------------
     t = time.perf_counter()
-    if images:
-        dataset = open_dataset(images)
+    if isinstance(images, ImageDataset) or images:
+        dataset = images if isinstance(images, ImageDataset) else open_dataset(images)
         source = "images"
-        roots = [Path(p) for p in images]
+        roots = list(dataset.sources)
     else:
         from convlens.data import mining_set
 
@@ -249,7 +249,7 @@ def build_atlas(
 
     # rules -----------------------------------------------------------------------------------
     t = time.perf_counter()
-    x_ref = _reference_inputs(dataset, pre, device, bool(images))
+    x_ref = _reference_inputs(dataset, pre, device, source == "images")
     choices = {}
     for lay in chosen:
         choices[lay] = choose_rule(model, x_ref, lay, rule)
@@ -287,7 +287,7 @@ def build_atlas(
         "preprocess": pre.to_dict(),
         "dataset": {
             "source": source,
-            "paths": [str(p) for p in dataset.sources] if images else [],
+            "paths": [str(p) for p in dataset.sources] if source == "images" else [],
             "candidates": len(dataset),
             "images": topks[deepest].n_images,
             "shards": len(dataset.shards),

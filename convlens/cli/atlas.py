@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
-from convlens.cli._console import err, out, progress_bar, show_note
+from convlens.cli._console import out, progress_bar, show_note
 from convlens.cli.probe import model_kwargs, model_params
 from convlens.runner import DEFAULT_MODEL
 
@@ -184,8 +184,6 @@ def atlas(**kwargs: Any) -> None:
     """Fig. 2 for every unit of a model over a dataset, as a static site (OUT/atlas/index.html)."""
     base = {k: kwargs.pop(k) for k in [p.name for p in model_params()]}
     mkw = model_kwargs(base)
-    err.print(f"[bold]convlens atlas[/]: model {kwargs['model']}, "
-              f"{'images ' + ', '.join(kwargs['images']) if kwargs['images'] else 'the embedded mining set'}")  # fmt: skip
     t = time.perf_counter()
     result = run_atlas(
         kwargs.pop("model"), kwargs.pop("out_dir"), progress_factory=progress_bar,

@@ -244,6 +244,8 @@ def build_atlas(
             dist.destroy_process_group()
     timings["pass1_s"] = time.perf_counter() - t
     timings["pass1_images"] = topks[deepest].n_images
+    if topks[deepest].n_images == 0:
+        raise ConvlensError(f"{dataset.describe()}: no readable image (every file was skipped)")
     if rank != 0:
         return None
 

@@ -464,7 +464,11 @@ class _Pass2:
     def run(self, adv) -> None:
         import warnings
 
-        warnings.filterwarnings("ignore", message=".*skipped.*")  # said once in pass 1
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*skipped.*")  # said once in pass 1
+            self._run(adv)
+
+    def _run(self, adv) -> None:
         # the effective field of layers whose receptive field covers the image: each unit's
         # strongest projection measures it (convlens.render.crops.mass_side)
         if self.nonlocal_layers:

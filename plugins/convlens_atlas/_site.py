@@ -46,7 +46,7 @@ color:#222;background:#fff;font-size:.78rem;border-width:2px}
 .hit{border-color:#e07000 !important;background:#fff4e5}
 table{border-collapse:collapse;font-size:.85rem;margin:.4rem 0} td,th{border:1px solid #ddd;
 padding:.15rem .45rem;text-align:left} th{background:#f3f3f3} td.num{text-align:right}
-figure{margin:.6rem 0} figure img{max-width:100%;border:1px solid #eee}
+figure{margin:.6rem 0} figure img{width:min(100%,780px);border:1px solid #eee}
 .warn{background:#fff3cd;border:1px solid #e0c36b;padding:.4rem .7rem;border-radius:4px}
 svg text{font-size:10px;fill:#444}
 """

@@ -386,7 +386,9 @@ def mine_topk_layers(
                 if summaries:
                     if stats[layer] is None:
                         stats[layer] = UnitSummary(len(chans[layer]))
-                    stats[layer].update(sub)
+                    # with one candidate per image, the candidates are each image's maxima
+                    maxes = cand[0].T if per_image == 1 and sub.dim() == 4 else None
+                    stats[layer].update(sub, maxes)
             seen += len(ids)
             if ckpt is not None:
                 ckpt.maybe_save(seen, lambda pos=pos, seen=seen: {

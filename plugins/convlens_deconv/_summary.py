@@ -180,23 +180,27 @@ class UnitSummary:
         self.max_sum = torch.zeros(self.units, dtype=torch.float64)
         self.sketch = HistogramSketch(self.units, bins)
 
-    def update(self, act: torch.Tensor) -> None:
+    def update(self, act: torch.Tensor, maxes: torch.Tensor | None = None) -> None:
+        """Add a batch ``act`` (``[B, units, H, W]`` or ``[B, units]``); ``maxes`` ``[B, units]``:
+        each image's strongest activation per unit when the caller has it already (the top-k
+        candidates), saving a pass over the maps."""
         a = act.detach()
         if a.dim() == 2:
             a = a[:, :, None, None]
         a = a.float().flatten(2)  # [B, C, P]
-        finite = torch.isfinite(a)
-        allfinite = bool(finite.all())
-        if not allfinite:
-            a = torch.where(finite, a, torch.zeros((), dtype=a.dtype, device=a.device))
-        self.sum += a.sum(2).double().sum(0).cpu()
-        self.count += (finite.sum(2).sum(0) if not allfinite else torch.full(
-            (a.shape[1],), a.shape[0] * a.shape[2], device=a.device)).cpu().to(torch.int64)  # fmt: skip
-        self.positive += (a > 0).sum(2).sum(0).cpu().to(torch.int64)
-        if allfinite:
-            m = a.amax(2)
+        sums = a.sum(2)  # finite exactly when every value is: the fast path
+        if bool(torch.isfinite(sums).all()):
+            count = torch.full((a.shape[1],), a.shape[0] * a.shape[2], dtype=torch.int64)
+            m = a.amax(2) if maxes is None else maxes.to(a.device, torch.float32)
         else:
+            finite = torch.isfinite(a)
+            a = torch.where(finite, a, torch.zeros((), dtype=a.dtype, device=a.device))
+            sums = a.sum(2)
+            count = finite.sum(2).sum(0).cpu().to(torch.int64)
             m = torch.where(finite, a, -math.inf).amax(2)
+        self.sum += sums.double().sum(0).cpu()
+        self.count += count
+        self.positive += (a > 0).sum(2).sum(0).cpu().to(torch.int64)
         mf = torch.where(torch.isfinite(m), m, 0.0)
         self.max_sum += mf.double().sum(0).cpu()
         self.sketch.update(m)

@@ -41,8 +41,8 @@ __all__ = ["build_atlas", "AtlasResult", "resolve_units", "SCHEMA", "CHECKPOINT_
 SCHEMA = 1
 #: Where pass-1 checkpoints live, inside ``--out`` (outside the staged ``atlas/`` folder).
 CHECKPOINT_DIR = ".atlas-resume"
-#: Images per projection batch of pass 2 (all layers' seeds in those images).
-CHUNK_IMAGES = 16
+#: Images read per step of pass 2 (all layers' seeds in those images are projected together).
+CHUNK_IMAGES = 64
 #: Side of a Fig. 2 tile and of the thumbnails, in pixels.
 TILE = 72
 #: Photos the ``auto`` rule measures image_specificity on.
@@ -452,13 +452,25 @@ class _Pass2:
             yield buf_i, torch.stack(buf_x).to(self.device)
 
     def _project(self, lay: str, x: torch.Tensor, local: dict[int, int], slots, adv):
+        """Project ``slots`` (row, rank) of ``lay`` whose images are rows ``local[image]`` of
+        ``x``. The images go to :func:`project` ordered by how many of the slots they hold, most
+        first: it runs one backward pass per seed of the busiest image of each batch of 16, so
+        images with as many seeds batch together (a popular image holds the top-k of dozens of
+        units)."""
         tk = self.topks[lay]
+        count: dict[int, int] = {}
+        for row, r in slots:
+            img = int(tk.image[row, r])
+            count[img] = count.get(img, 0) + 1
+        order = sorted(count, key=lambda i: (-count[i], i))
+        xs = x[[local[i] for i in order]]
+        pos = {i: k for k, i in enumerate(order)}
         seeds = [
-            Seed(local[int(tk.image[row, r])], int(tk.channels[row]), int(tk.y[row, r]),
+            Seed(pos[int(tk.image[row, r])], int(tk.channels[row]), int(tk.y[row, r]),
                  int(tk.x[row, r]))
             for row, r in slots
         ]  # fmt: skip
-        res = project(self.model, x, lay, seeds, rule=self.choices[lay].rule, progress=adv)
+        res = project(self.model, xs, lay, seeds, rule=self.choices[lay].rule, progress=adv)
         return res.projections.detach().float().cpu().numpy()
 
     def run(self, adv) -> None:

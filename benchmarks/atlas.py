@@ -149,9 +149,8 @@ def part_pass2(tmp: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r = build_atlas(model, out, model_name="efficientnet_lite0", images=[str(tmp / "img256")],
+        r = build_atlas(model, out, model_name="efficientnet_lite0", images=[str(f) for f in files],
                         units="0-7", k=9, batch_size=32)  # fmt: skip
-    del files
     t = r.timings
     n_units = sum(ld["units"] for ld in r.doc["layers"])
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

@@ -265,7 +265,7 @@ def _mining_case(
     t = _now()
     best = None
     for i in range(len(batches)):
-        cand = _candidates(act, chans, list(range(i * batch, (i + 1) * batch)), 1)
+        cand = _candidates(act[:, chans], list(range(i * batch, (i + 1) * batch)), 1)
         best = merge_topk([best, cand] if best is not None else [cand], 9, act.shape[-1])
     book = _now() - t
     print(

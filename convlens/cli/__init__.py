@@ -10,6 +10,7 @@ import typer
 
 from convlens.cli import _console
 from convlens.cli._errors import ConvlensGroup
+from convlens.cli.atlas import atlas
 from convlens.cli.demo import demo
 from convlens.cli.info import layers, models, plugins, samples
 from convlens.cli.probe import probe_app, register_probe_commands
@@ -52,6 +53,7 @@ def build_app() -> typer.Typer:
     app.command()(plugins)
     app.command()(samples)
     app.command()(demo)
+    app.command()(atlas)
     probes = typer.Typer(help=probe_app.info.help, no_args_is_help=True)
     register_probe_commands(probes)
     app.add_typer(probes, name="probe")

@@ -14,6 +14,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
@@ -53,6 +54,16 @@ def install_warning_handler() -> None:
         warnings.filterwarnings("ignore", category=FutureWarning, module=mod)
 
 
+class RateColumn(ProgressColumn):
+    """Items per second (images/s in a mining pass, projections/s in pass 2)."""
+
+    def render(self, task):  # noqa: ANN001 - rich's Task
+        from rich.text import Text
+
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:,.1f}/s", style="progress.data.speed")
+
+
 def progress_enabled() -> bool:
     return err.is_terminal and not os.environ.get("CONVLENS_NO_PROGRESS")
 
@@ -68,6 +79,7 @@ def progress_bar(description: str, total: int | None) -> Iterator:
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        RateColumn(),
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),

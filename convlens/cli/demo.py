@@ -1,5 +1,6 @@
 """``convlens demo``: the main job on the embedded default — every installed probe on the
-ImageNet-pretrained EfficientNet-Lite0 and the bundled photos, into one report."""
+ImageNet-pretrained EfficientNet-Lite0 and the bundled photos, into one report, plus a small
+atlas (``convlens atlas``: the embedded mining set, two layers, 32 units in all) linked from it."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ def demo(
         str | None, typer.Option("--probes", help="Comma-separated probe names (default: all).")
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
+    atlas: Annotated[
+        bool,
+        typer.Option("--atlas/--no-atlas", help="Also a small atlas (2 layers, 16 units each)."),
+    ] = True,
 ) -> None:
     """Run every installed probe with its defaults and write OUT/index.html."""
     from convlens.io import check_writable_dir
@@ -32,10 +37,28 @@ def demo(
 
     check_writable_dir(out_dir)  # before any work
     with output_lock(out_dir):  # the whole demo is one run of this output folder
-        _run_demo(model, images, out_dir, probes, device)
+        _run_demo(model, images, out_dir, probes, device, atlas)
 
 
-def _run_demo(model, images, out_dir: Path, probes, device) -> None:
+#: The demo's atlas: units 0..DEMO_UNITS-1 of two of the default layers (32 units in all), on the
+#: embedded set; the second and fourth of the five default layers (receptive fields ~8% and ~37%
+#: of the input on efficientnet_lite0).
+DEMO_UNITS = 16
+
+
+def _demo_atlas(net, out_dir: Path, dev, images) -> None:
+    """The small atlas: the demo's ``--images`` when given, else the embedded mining set."""
+    from convlens.cli.atlas import run_atlas
+    from convlens.engine import depth_layers
+
+    layers = [lay for lay, _ in depth_layers(net)]
+    two = [layers[1], layers[3]] if len(layers) >= 4 else layers[:2]
+    run_atlas(net, out_dir, images=[str(p) for p in images] if images else None, layers=two, units=f"0-{DEMO_UNITS - 1}", device=dev,
+              checkpoint_every=0, progress_factory=progress_bar, note_sink=show_note,
+              report=False)  # fmt: skip
+
+
+def _run_demo(model, images, out_dir: Path, probes, device, atlas: bool = True) -> None:
     from convlens.errors import ConvlensError
     from convlens.options import parse_str_list
     from convlens.plugins import get_host
@@ -78,6 +101,14 @@ def _run_demo(model, images, out_dir: Path, probes, device) -> None:
         except ConvlensError as exc:
             failed.append(n)
             err.print(f"  [red]✗[/] {n}: {exc}")
+    if atlas:
+        t = time.perf_counter()
+        try:
+            _demo_atlas(net, out_dir, dev, images)
+            err.print(f"  [green]✓[/] atlas ({time.perf_counter() - t:.1f} s)")
+        except ConvlensError as exc:
+            failed.append("atlas")
+            err.print(f"  [red]✗[/] atlas: {exc}")
     report = build_report(out_dir, meta={"model": label})
     out.print(f"report:  {report}")
     out.print(f"results: {out_dir}/<probe>/ (JSON, NPZ, PNG) — {time.perf_counter() - t0:.1f} s")

@@ -104,7 +104,9 @@ def layers(
             size_s, stride_s, start_s = "global", "-", "-"
         else:
             size_s, stride_s, start_s = (
-                _pair_text(rf.size), _pair_text(rf.stride), _pair_text(rf.start)
+                _pair_text(rf.size),
+                _pair_text(rf.stride),
+                _pair_text(rf.start),
             )
         shape = "×".join(str(s) for s in (call.output_shape or ())[1:])
         table.add_row(

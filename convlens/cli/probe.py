@@ -154,7 +154,11 @@ def make_probe_command(probe_cls: type) -> Any:
         base = {k: kwargs.pop(k) for k in list(kwargs) if k in common}
         mkw = model_kwargs(base)
         result = run_probe(
-            probe_cls.name, progress_factory=progress_bar, note_sink=show_note, **base, **mkw,
+            probe_cls.name,
+            progress_factory=progress_bar,
+            note_sink=show_note,
+            **base,
+            **mkw,
             **kwargs,
         )
         table = Table(title=f"probe {probe_cls.name}", show_header=False)

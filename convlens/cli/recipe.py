@@ -32,10 +32,15 @@ def make_recipe_command(recipe_cls: type) -> Any:
 
     kw = inspect.Parameter.KEYWORD_ONLY
     params = [
-        inspect.Parameter("out_dir", kw, default=Path(f"runs/{recipe_cls.name}"),
-                          annotation=Annotated[Path, typer.Option("--out", "-o")]),
-        inspect.Parameter("device", kw, default="auto",
-                          annotation=Annotated[str, typer.Option("--device")]),
+        inspect.Parameter(
+            "out_dir",
+            kw,
+            default=Path(f"runs/{recipe_cls.name}"),
+            annotation=Annotated[Path, typer.Option("--out", "-o")],
+        ),
+        inspect.Parameter(
+            "device", kw, default="auto", annotation=Annotated[str, typer.Option("--device")]
+        ),
         inspect.Parameter("seed", kw, default=0, annotation=Annotated[int, typer.Option("--seed")]),
     ] + [_option_param(o) for o in recipe_cls.options]
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]

@@ -8,16 +8,20 @@
   rendering); :meth:`Preprocess.for_model` reads a model's own settings.
 * :func:`list_samples`, :func:`sample`, :func:`default_images` and :func:`lfw_faces` give real
   photos that ship with scikit-image and scikit-learn, so nothing needs downloading.
+* :func:`open_dataset` reads a ``DATASET`` — folder trees and WebDataset-style ``.tar`` shards,
+  streamed — as one ordered, indexed :class:`ImageDataset` (``convlens atlas``).
 * :func:`mining_set` is the embedded mining set: a few hundred seeded natural-image crops cut from
   every photo those packages (and matplotlib) ship, built once into a cache folder.
 """
 
 from __future__ import annotations
 
+from convlens.data.dataset import IMAGE_SUFFIXES, ImageDataset, ImageItem, open_dataset
 from convlens.data.images import (
     ALPHA_BACKGROUND,
     MAX_PIXELS,
     SkippedImageWarning,
+    decode_image,
     find_images,
     iter_images,
     load_image,
@@ -49,9 +53,15 @@ __all__ = [
     "ALPHA_BACKGROUND",
     "SkippedImageWarning",
     "load_image",
+    "decode_image",
     "find_images",
     "iter_images",
     "load_images",
+    # datasets (folders, tar shards)
+    "IMAGE_SUFFIXES",
+    "ImageItem",
+    "ImageDataset",
+    "open_dataset",
     # preprocess
     "IMAGENET_MEAN",
     "IMAGENET_STD",

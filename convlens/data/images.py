@@ -12,6 +12,7 @@ names it, while a bad file named explicitly is an error.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Iterable, Iterator
@@ -28,6 +29,7 @@ __all__ = [
     "SkippedImageWarning",
     "PathLike",
     "load_image",
+    "decode_image",
     "find_images",
     "iter_images",
     "load_images",
@@ -94,10 +96,19 @@ def load_image(path: PathLike, max_pixels: int | None = None) -> Image.Image:
         raise ImageError(f"{p}: {exc}") from exc.__cause__
 
 
-def _load(path: Path, max_pixels: int) -> Image.Image:
-    if not path.exists():
+def decode_image(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
+    """:func:`load_image` for an image held in memory (a member of a ``.tar`` shard read as a
+    stream): the same decoding and the same checks; errors name ``name``."""
+    try:
+        return _load(Path(name), MAX_PIXELS if max_pixels is None else max_pixels, data)
+    except _Unreadable as exc:
+        raise ImageError(f"{name}: {exc}") from exc.__cause__
+
+
+def _load(path: Path, max_pixels: int, data: bytes | None = None) -> Image.Image:
+    if data is None and not path.exists():
         raise _Unreadable("no such file")
-    if path.is_dir():
+    if data is None and path.is_dir():
         raise _Unreadable("is a directory, not an image file")
     pil_limit = Image.MAX_IMAGE_PIXELS
     with warnings.catch_warnings():
@@ -106,7 +117,7 @@ def _load(path: Path, max_pixels: int) -> Image.Image:
         action = "ignore" if pil_limit is not None and max_pixels > pil_limit else "error"
         warnings.simplefilter(action, Image.DecompressionBombWarning)
         try:
-            with Image.open(path) as opened:
+            with Image.open(path if data is None else io.BytesIO(data)) as opened:
                 width, height = opened.size  # from the header: no pixel decoded yet
                 if width * height > max_pixels:
                     raise _Unreadable(_too_large(width, height, max_pixels))

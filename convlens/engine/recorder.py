@@ -400,6 +400,10 @@ def record(
             session.mode.__exit__(None, None, None)
         for h in handles:
             h.remove()
+        # the mode holds the session's bound methods and the session holds the mode: break the
+        # cycle, or every recording (its activations) waits for the cyclic garbage collector and
+        # a long streaming pass grows in memory batch after batch
+        session.mode = None
     missing = [r.name if r.call is None else r.key for r in refs if not _captured(rec, r)]
     if missing:
         if rec.passes == 0:

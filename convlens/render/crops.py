@@ -28,7 +28,9 @@ import numpy as np
 
 from convlens.engine.receptive import ReceptiveField
 
-__all__ = ["MASS", "MIN_SIDE", "crop_side", "unit_box", "unit_center", "cut", "mass_side"]
+__all__ = [
+    "MASS", "MIN_SIDE", "crop_side", "unit_box", "unit_center", "cut", "mass_side", "is_local",
+]  # fmt: skip
 
 #: Share of a projection's absolute mass the effective field must hold.
 MASS = 0.9
@@ -38,6 +40,12 @@ MIN_SIDE = 24
 
 def _local(rf: ReceptiveField | None, hw: tuple[int, int]) -> bool:
     return rf is not None and not rf.is_global and rf.size[0] < hw[0] and rf.size[1] < hw[1]
+
+
+def is_local(rf: ReceptiveField | None, hw: tuple[int, int]) -> bool:
+    """Whether a layer's crops are its receptive-field boxes (the field is smaller than the
+    image); if not, :func:`crop_side` needs the layer's projections (the effective field)."""
+    return _local(rf, hw)
 
 
 def unit_center(rf: ReceptiveField | None, y: int, x: int, hw: tuple[int, int]):
@@ -77,16 +85,19 @@ def crop_side(
     projections: Sequence[np.ndarray] = (),
     centers: Sequence[tuple[float, float]] = (),
     mass: float = MASS,
+    sides: Sequence[int] | None = None,
 ) -> tuple[int, int]:
     """One crop size ``(h, w)`` for a layer's units (module docstring): the receptive field when
     it is local, else the effective field measured on ``projections`` (with their unit
-    ``centers``), else the whole image."""
+    ``centers``) — or given as their :func:`mass_side` values ``sides``, measured one batch at a
+    time by a caller that does not hold every projection at once — else the whole image."""
     H, W = hw
     if _local(rf, hw):
         return int(rf.size[0]), int(rf.size[1])
-    if not len(projections):
+    if sides is None:
+        sides = [mass_side(p, c, mass) for p, c in zip(projections, centers, strict=True)]
+    if not len(sides):
         return H, W
-    sides = [mass_side(p, c, mass) for p, c in zip(projections, centers, strict=True)]
     side = int(np.median(sides))
     side = int(min(max(side, MIN_SIDE), H, W))
     return side, side

@@ -14,10 +14,20 @@ streaming, batching and the distributed merge all give the same result.
 **Across machines.** Under ``torchrun`` (``torch.distributed`` initialised), rank ``r`` of ``W``
 mines images ``r, r+W, r+2W, …`` of the common file list and the per-channel top-k are merged with
 ``all_gather`` — every rank ends with the global result, equal to a single-process run.
+
+**For the atlas** (``convlens atlas``), the same pass can also read an
+:class:`~convlens.data.ImageDataset` (folders and ``.tar`` shards, streamed), keep a running
+:class:`~convlens_deconv._summary.UnitSummary` of every unit (``summaries=True``: mean, activation
+rate, a quantile sketch; merged across ranks like the top-k) and write a checkpoint every
+``checkpoint_every`` images (``checkpoint=PATH``): the state after a whole batch — top-k,
+summaries, how far this rank's share of the stream has been read — so a killed run started again
+with the same arguments continues from there and ends with exactly the result of an uninterrupted
+run (same batches, same order of operations).
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,9 +37,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from convlens.data import Preprocess, SkippedImageWarning, find_images, load_image
+from convlens.data import ImageDataset, Preprocess, SkippedImageWarning, find_images, load_image
 from convlens.errors import ConvlensError, ImageError
 from convlens_deconv._forward import recorded_forward
+from convlens_deconv._summary import BINS, UnitSummary
 
 __all__ = [
     "TopK",
@@ -38,6 +49,7 @@ __all__ = [
     "merge_topk",
     "image_batches",
     "distributed_info",
+    "init_distributed",
 ]
 
 
@@ -59,6 +71,8 @@ class TopK:
     files: list[Path] | None = None
     world_size: int = 1
     map_shape: tuple[int, ...] = ()
+    #: running summary of every channel's activations (``summaries=True``), rows as ``channels``
+    summary: UnitSummary | None = None
 
     def entries(self) -> list[dict[str, Any]]:
         """Every filled slot as ``{channel, rank, image, y, x, value}`` (channel-major)."""
@@ -93,6 +107,29 @@ def distributed_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def init_distributed(
+    device: torch.device, model: nn.Module | None = None
+) -> tuple[bool, torch.device]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group (gloo on CPU, nccl on
+    CUDA, each rank on GPU ``LOCAL_RANK``, the model moved there). Returns ``(created, device)``:
+    whether this call created the group (then the caller destroys it), and the rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return False, device
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False, device
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        if model is not None:
+            model.to(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True, device
 
 
 def _order(values: torch.Tensor, key2: torch.Tensor) -> torch.Tensor:
@@ -136,29 +173,59 @@ def image_batches(
     """``(batches, files, total)``: an iterator of ``(inputs [B, 3, H, W], global indices)`` over
     this rank's shard, the ordered file list (None for a tensor) and the number of candidates.
 
-    ``images``: a ``[N, 3, H, W]`` tensor (already preprocessed) or files/folders. Files found in a
-    folder that cannot be read are skipped with a :class:`~convlens.data.SkippedImageWarning`; a
-    file named explicitly that cannot be read raises."""
+    ``images``: a ``[N, 3, H, W]`` tensor (already preprocessed), files/folders, or an
+    :class:`~convlens.data.ImageDataset` (folders and ``.tar`` shards, streamed). Files found in a
+    folder or shard that cannot be read are skipped with a
+    :class:`~convlens.data.SkippedImageWarning`; a file named explicitly that cannot be read
+    raises."""
+    batches, files, total = _positioned_batches(images, preprocess, batch_size, rank, world)
+    return ((x, ids) for x, ids, _ in batches), files, total
+
+
+def _positioned_batches(
+    images: Any, preprocess: Preprocess, batch_size: int, rank: int, world: int, start: int = 0
+) -> tuple[Iterator[tuple[torch.Tensor, list[int], int]], list[Path] | None, int]:
+    """:func:`image_batches` whose batches also say how many of this rank's candidates have been
+    read after them (where a resumed run starts: ``start``)."""
     if isinstance(images, torch.Tensor):
         if images.dim() != 4:
             raise ConvlensError(f"images: expected [N, C, H, W], got {tuple(images.shape)}")
         idx = list(range(rank, images.shape[0], world))
 
-        def tensor_batches() -> Iterator[tuple[torch.Tensor, list[int]]]:
-            for i in range(0, len(idx), batch_size):
+        def tensor_batches() -> Iterator[tuple[torch.Tensor, list[int], int]]:
+            for i in range(start, len(idx), batch_size):
                 part = idx[i : i + batch_size]
-                yield images[part], part
+                yield images[part], part, i + len(part)
 
         return tensor_batches(), None, int(images.shape[0])
+    if isinstance(images, ImageDataset):
+        dataset = images
+        mine = range(rank, len(dataset), world)
+
+        def dataset_batches() -> Iterator[tuple[torch.Tensor, list[int], int]]:
+            buf: list[torch.Tensor] = []
+            ids: list[int] = []
+            for i, img in dataset.iter_images(mine[start:]):
+                buf.append(preprocess(img))
+                ids.append(i)
+                del img
+                if len(buf) == batch_size:
+                    yield torch.stack(buf), ids, (i - rank) // world + 1
+                    buf, ids = [], []
+            if buf:
+                yield torch.stack(buf), ids, len(mine)
+
+        return dataset_batches(), [Path(n) for n in dataset.names], len(dataset)
     paths = [Path(images)] if isinstance(images, (str, Path)) else [Path(p) for p in images]
     files = find_images(paths)
     explicit = {p for p in paths if not p.is_dir()}
     mine = list(range(rank, len(files), world))
 
-    def file_batches() -> Iterator[tuple[torch.Tensor, list[int]]]:
+    def file_batches() -> Iterator[tuple[torch.Tensor, list[int], int]]:
         buf: list[torch.Tensor] = []
         ids: list[int] = []
-        for i in mine:
+        for pos in range(start, len(mine)):
+            i = mine[pos]
             f = files[i]
             try:
                 img = load_image(f)
@@ -172,10 +239,10 @@ def image_batches(
             ids.append(i)
             del img
             if len(buf) == batch_size:
-                yield torch.stack(buf), ids
+                yield torch.stack(buf), ids, pos + 1
                 buf, ids = [], []
         if buf:
-            yield torch.stack(buf), ids
+            yield torch.stack(buf), ids, len(mine)
 
     return file_batches(), files, len(files)
 
@@ -230,10 +297,23 @@ def mine_topk_layers(
     progress: Callable[[int], None] | None = None,
     distributed: bool | None = None,
     stop_at: str | None = None,
+    summaries: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    checkpoint_key: dict[str, Any] | None = None,
+    on_resume: Callable[[int], None] | None = None,
 ) -> dict[str, TopK]:
     """:func:`mine_topk` for several layers in **one** pass over the images (one forward pass per
     batch records them all, stopped after ``stop_at``, the deepest of them, when given).
-    ``channels[layer]``: that layer's channels (None or missing: all)."""
+    ``channels[layer]``: that layer's channels (None or missing: all).
+
+    ``summaries``: also keep each channel's :class:`~convlens_deconv._summary.UnitSummary`
+    (``TopK.summary``). ``checkpoint``: this rank's checkpoint file, written every
+    ``checkpoint_every`` images (at the end of the batch that reaches each multiple) and read at
+    the start when it exists and was written with the same arguments and ``checkpoint_key`` (the
+    caller's description of the model and data); then the pass continues where it stopped and
+    ``on_resume(n)`` is told how many images were already done. The caller removes the file when
+    it no longer needs it."""
     if k < 1 or per_image < 1:
         raise ConvlensError(f"top-k mining: k and per_image must be >= 1 (got {k}, {per_image})")
     layers = list(dict.fromkeys(layers))
@@ -245,7 +325,6 @@ def mine_topk_layers(
     device = torch.device(device)
     pre = preprocess or Preprocess.for_model(model)
     rank, world = distributed_info() if distributed in (None, True) else (0, 1)
-    batches, files, total = image_batches(images, pre, batch_size, rank, world)
     wanted = channels or {}
     chans: dict[str, list[int] | None] = {
         lay: (list(wanted[lay]) if wanted.get(lay) is not None else None) for lay in layers
@@ -253,11 +332,31 @@ def mine_topk_layers(
     best: dict[str, tuple | None] = dict.fromkeys(layers)
     positions = dict.fromkeys(layers, 1)
     map_shape: dict[str, tuple[int, ...]] = dict.fromkeys(layers, ())
+    stats: dict[str, UnitSummary | None] = dict.fromkeys(layers)
     seen = 0
+    start = 0
+    ckpt = _Checkpoint(checkpoint, checkpoint_every, {
+        "key": checkpoint_key or {}, "layers": layers, "channels": chans, "k": k,
+        "per_image": per_image, "batch_size": batch_size, "rank": rank, "world": world,
+        "summaries": summaries, "bins": BINS, "input": pre.to_dict(),
+    }) if checkpoint is not None else None  # fmt: skip
+    if ckpt is not None:
+        state = ckpt.load()
+        if state is not None:
+            start, seen = state["position"], state["seen"]
+            chans, positions, map_shape = state["chans"], state["positions"], state["map_shape"]
+            best = {lay: (tuple(b) if b is not None else None) for lay, b in state["best"].items()}
+            for lay, st in state["stats"].items():
+                if st is not None:
+                    stats[lay] = UnitSummary(len(st["sum"]))
+                    stats[lay].load_state_dict(st)
+            if on_resume is not None:
+                on_resume(seen)
+    batches, files, total = _positioned_batches(images, pre, batch_size, rank, world, start)
     was_training = model.training
     model.eval()
     try:
-        for xb, ids in batches:
+        for xb, ids, pos in batches:
             with torch.inference_mode():
                 rec = recorded_forward(
                     model, xb.to(device), layers, stop_at, switches=False, trace=False
@@ -276,13 +375,28 @@ def mine_topk_layers(
                         f"channel {bad[0]}: layer {layer!r} has {act.shape[1]} channels"
                     )
                 map_shape[layer] = tuple(act.shape[1:])
-                cand = _candidates(act, chans[layer], ids, per_image)
+                sub = act if len(chans[layer]) == act.shape[1] and chans[layer] == list(
+                    range(act.shape[1])) else act[:, chans[layer]]  # fmt: skip
+                cand = _candidates(sub, ids, per_image)
                 positions[layer] = _positions(act)
                 prev = best[layer]
                 best[layer] = merge_topk(
                     [prev, cand] if prev is not None else [cand], k, positions[layer]
                 )
+                if summaries:
+                    if stats[layer] is None:
+                        stats[layer] = UnitSummary(len(chans[layer]))
+                    # with one candidate per image, the candidates are each image's maxima
+                    maxes = cand[0].T if per_image == 1 and sub.dim() == 4 else None
+                    stats[layer].update(sub, maxes)
             seen += len(ids)
+            if ckpt is not None:
+                ckpt.maybe_save(seen, lambda pos=pos, seen=seen: {
+                    "position": pos, "seen": seen, "chans": chans, "positions": positions,
+                    "map_shape": map_shape, "best": best,
+                    "stats": {lay: (st.state_dict() if st is not None else None)
+                              for lay, st in stats.items()},
+                })  # fmt: skip
             if progress is not None:
                 progress(len(ids))
     finally:
@@ -301,8 +415,13 @@ def mine_topk_layers(
                 torch.full((c, k), float("-inf")),
                 *(torch.full((c, k), -1, dtype=torch.long) for _ in range(3)),
             )
+        st = stats[layer]
+        if summaries and st is None:
+            st = UnitSummary(len(ch))
         if world > 1:
             b, n_seen = _all_gather_merge(b, k, seen, pos)
+            if st is not None:
+                st = _all_gather_summaries(st)
         out[layer] = TopK(
             layer,
             ch,
@@ -315,18 +434,64 @@ def mine_topk_layers(
             files=files,
             world_size=world,
             map_shape=shape,
+            summary=st,
         )
     return out
+
+
+class _Checkpoint:
+    """One rank's pass-1 checkpoint: ``torch.save`` of plain tensors and lists, written through a
+    temporary file and renamed (a kill leaves the previous checkpoint or the new one, never half
+    of one), read with ``weights_only=True``; ``meta`` must match for it to be used."""
+
+    def __init__(self, path: str | os.PathLike, every: int, meta: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.every = max(int(every), 0)
+        self.meta = _plain(meta)
+        self.last = 0
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint: start afresh
+            warnings.warn(f"{self.path}: checkpoint unreadable, starting again ({exc})",
+                          stacklevel=3)  # fmt: skip
+            return None
+        if state.get("meta") != self.meta:
+            warnings.warn(f"{self.path}: checkpoint of a different run (model, data or options "
+                          "changed), starting again", stacklevel=3)  # fmt: skip
+            return None
+        self.last = int(state["state"]["seen"])
+        return state["state"]
+
+    def maybe_save(self, seen: int, state: Callable[[], dict[str, Any]]) -> None:
+        if not self.every or seen // self.every == self.last // self.every:
+            return
+        from convlens.io import atomic_path
+
+        with atomic_path(self.path) as tmp:
+            torch.save({"meta": self.meta, "state": state()}, tmp)
+        self.last = seen
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-like copy (lists, not tuples) so a loaded checkpoint's meta compares equal."""
+    import json
+
+    return json.loads(json.dumps(obj, default=str))
 
 
 def _positions(act: torch.Tensor) -> int:
     return int(max(act.shape[-2:])) if act.dim() == 4 else 1
 
 
-def _candidates(act: torch.Tensor, chans: list[int], ids: list[int], per_image: int) -> tuple:
-    """Each image's best ``per_image`` positions per channel, as ``[C, B·p]`` tensors (CPU)."""
-    a = act[:, chans].float()
-    b = a.shape[0]
+def _candidates(act: torch.Tensor, ids: list[int], per_image: int) -> tuple:
+    """Each image's best ``per_image`` positions per channel of ``act`` (already restricted to
+    the chosen channels), as ``[C, B·p]`` tensors (CPU)."""
+    a = act.float()
+    b, nc = a.shape[0], a.shape[1]
     if a.dim() == 4:
         w = a.shape[-1]
         flat = a.flatten(2)
@@ -340,12 +505,10 @@ def _candidates(act: torch.Tensor, chans: list[int], ids: list[int], per_image: 
         p = 1
         v = a[..., None]
         ys = xs = torch.full_like(v, -1, dtype=torch.long)
-    img = torch.tensor(ids, dtype=torch.long, device=v.device)[:, None, None].expand(
-        b, len(chans), p
-    )
+    img = torch.tensor(ids, dtype=torch.long, device=v.device)[:, None, None].expand(b, nc, p)
 
     def cm(t: torch.Tensor) -> torch.Tensor:  # [B, C, p] -> [C, B*p]
-        return t.permute(1, 0, 2).reshape(len(chans), b * p).cpu()
+        return t.permute(1, 0, 2).reshape(nc, b * p).cpu()
 
     return cm(v), cm(img), cm(ys), cm(xs)
 
@@ -379,3 +542,17 @@ def _all_gather_merge(best: tuple, k: int, seen: int, positions: int) -> tuple:
     dist.all_reduce(count)
     parts = [tuple(g[r] for g in gathered) for r in range(world)]
     return merge_topk(parts, k, positions), int(count.item())
+
+
+def _all_gather_summaries(st: UnitSummary) -> UnitSummary:
+    """Every rank's summaries merged (in rank order) on every rank."""
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, st.state_dict())
+    merged = UnitSummary(st.units)
+    for part in parts:
+        one = UnitSummary(st.units)
+        one.load_state_dict(part)
+        merged.merge(one)
+    return merged

@@ -18,7 +18,6 @@ Run order (Section 2.1, Section 4, Figs. 2, 4, 6 and the poster's layer-by-layer
 
 from __future__ import annotations
 
-import os
 import re
 import time
 import warnings
@@ -47,7 +46,7 @@ from convlens_deconv._figures import (
     jsonable_evolution,
     stretch_crop,
 )
-from convlens_deconv._mining import mine_topk_layers
+from convlens_deconv._mining import init_distributed, mine_topk_layers
 from convlens_deconv._project import Seed, project, strongest_seeds
 from convlens_deconv._render import (
     BACKGROUND,
@@ -776,20 +775,8 @@ class _InputBank:
 def _init_distributed(ctx: convlens.ProbeContext) -> bool:
     """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on CUDA,
     each rank on GPU ``LOCAL_RANK``). Returns True when this call created the group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return False
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return False
-    if ctx.device.type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        ctx.device = torch.device("cuda", local)
-        torch.cuda.set_device(ctx.device)
-        ctx.model.to(ctx.device)
-    dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo")
-    return True
+    created, ctx.device = init_distributed(ctx.device, ctx.model)
+    return created
 
 
 def _activations(model: nn.Module, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:

@@ -59,9 +59,14 @@ def test_layers_zfnet_shapes_and_fields(app):
     res = runner.invoke(app, ["layers", "--model", "zfnet"])
     assert res.exit_code == 0, res.output
     rows = {line.split("│")[1].strip(): line for line in res.output.splitlines() if "│" in line}
-    for name, size, rf in [("features.conv1", "110×110", " 7 "), ("features.pool1", "55×55", " 11 "),
-                           ("features.conv2", "26×26", " 27 "), ("features.pool2", "13×13", " 43 "),
-                           ("features.relu5", "13×13", " 139 "), ("features.pool5", "6×6", " 171 ")]:
+    for name, size, rf in [
+        ("features.conv1", "110×110", " 7 "),
+        ("features.pool1", "55×55", " 11 "),
+        ("features.conv2", "26×26", " 27 "),
+        ("features.pool2", "13×13", " 43 "),
+        ("features.relu5", "13×13", " 139 "),
+        ("features.pool5", "6×6", " 171 "),
+    ]:
         assert size in rows[name] and rf in rows[name], rows[name]
 
 
@@ -75,8 +80,23 @@ def test_layers_timm_models(app, model):
 def test_probe_options_come_from_the_plugin(app, images, tmp_path):
     res = runner.invoke(app, ["probe", "echo", "--help"])
     assert res.exit_code == 0 and "--repeat" in res.output and "--mode" in res.output
-    res = runner.invoke(app, ["probe", "echo", "--model", "zfnet", "--images", str(images),
-                              "--out", str(tmp_path / "o"), "--repeat", "3", "--mode", "max"])
+    res = runner.invoke(
+        app,
+        [
+            "probe",
+            "echo",
+            "--model",
+            "zfnet",
+            "--images",
+            str(images),
+            "--out",
+            str(tmp_path / "o"),
+            "--repeat",
+            "3",
+            "--mode",
+            "max",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "repeat" in res.output and (tmp_path / "o" / "echo" / "run.json").exists()
     assert (tmp_path / "o" / "index.html").exists()
@@ -108,8 +128,21 @@ def test_debug_shows_the_traceback(app, tmp_path):
 def test_cuda_request_without_gpu_is_clear(app, images, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    res = runner.invoke(app, ["probe", "echo", "--model", "zfnet", "--images", str(images),
-                              "--device", "cuda", "--out", str(tmp_path)])
+    res = runner.invoke(
+        app,
+        [
+            "probe",
+            "echo",
+            "--model",
+            "zfnet",
+            "--images",
+            str(images),
+            "--device",
+            "cuda",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert res.exit_code == 2 and "CUDA" in _one_error_line(res)
 
 
@@ -118,14 +151,22 @@ def test_unknown_recipe_and_probe_exit_2(app):
     assert runner.invoke(app, ["recipe", "nope"]).exit_code == 2
 
 
-def test_demo_runs_every_probe_into_one_report(app, images, tmp_path):
+def test_demo_runs_every_probe_into_one_report(app, images, tmp_path, monkeypatch):
+    import importlib
+
+    demo = importlib.import_module("convlens.cli.demo")  # the module, not the command function
+    monkeypatch.setattr(demo, "DEMO_UNITS", 2)  # the atlas's wiring, not its 32 units' drawing
     out = tmp_path / "demo"
-    res = runner.invoke(app, ["demo", "--model", "zfnet", "--images", str(images), "--out",
-                              str(out)])
+    res = runner.invoke(
+        app, ["demo", "--model", "zfnet", "--images", str(images), "--out", str(out)]
+    )
     assert res.exit_code == 0, res.output
     assert (out / "echo" / "run.json").exists() and (out / "overview" / "overview.json").exists()
     html = (out / "index.html").read_text()
     assert "Model overview" in html and "random weights" in html
+    # the small atlas (two layers, DEMO_UNITS units each) is linked from the report
+    assert "href='atlas/index.html'" in html
+    assert len(list((out / "atlas").glob("*/u*.html"))) == 2 * 2
     res = runner.invoke(app, ["demo", "--probes", "nope", "--out", str(out)])
     assert res.exit_code == 2 and "nope" in _one_error_line(res)
 
@@ -153,8 +194,9 @@ def test_overview_streams_at_most_16_images(tmp_path):
     assert data["predictions"][0]["image"].endswith("00.png") and data["random_weights"]
 
 
-def test_out_that_is_a_file_or_unwritable_exits_2_before_any_work(app, images, tmp_path,
-                                                                  monkeypatch):
+def test_out_that_is_a_file_or_unwritable_exits_2_before_any_work(
+    app, images, tmp_path, monkeypatch
+):
     blocker = tmp_path / "report.txt"
     blocker.write_text("keep me")
     base = ["probe", "echo", "--model", "zfnet", "--images", str(images)]

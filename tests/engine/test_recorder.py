@@ -13,9 +13,10 @@ from convlens.testing import tiny_model
 
 
 def _hooks_clean(model: nn.Module) -> bool:
-    return all(
-        not m._forward_hooks and not m._forward_pre_hooks for m in model.modules()
-    ) and torch._C._len_torch_function_stack() == 0
+    return (
+        all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+        and torch._C._len_torch_function_stack() == 0
+    )
 
 
 def test_functional_switches_equal_hand_computed():
@@ -183,3 +184,25 @@ def test_top_conv_layer_skips_pooling_modules_and_functions():
     assert top_conv_layer(model, trace_model(model, torch.zeros(shape))) == "relu:1"
     chain, _ = tiny_model("chain")
     assert top_conv_layer(chain) == "conv3"  # the alias wins where the model defines one
+
+
+def test_a_recording_is_freed_at_once_not_by_the_cyclic_collector():
+    """A long streaming pass (the atlas's pass 1) records batch after batch: each recording and
+    its activations must go as soon as it is dropped, not wait for ``gc`` (memory would grow)."""
+    import gc
+    import weakref
+
+    from convlens.testing import tiny_model
+
+    model, shape = tiny_model("functional")
+    layer = next(n for n, m in model.named_modules() if n)
+    gc.disable()
+    try:
+        for kw in ({"functional": True}, {"switches": True, "trace": True}):
+            with torch.no_grad(), record(model, [layer], **kw) as rec:
+                model(torch.zeros(shape))
+            ref = weakref.ref(rec)
+            del rec
+            assert ref() is None, kw
+    finally:
+        gc.enable()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -558,14 +559,16 @@ class IncrementalOcclusion:
         feature_call: int = 0,
         full_above: float = 0.7,
         fold_batchnorm: bool = True,
+        traced: tuple[fx.Graph, list[str]] | None = None,
     ) -> None:
         if not 0.0 <= full_above <= 1.0:
             raise ConvlensError(f"full_above {full_above!r}: must lie in [0, 1]")
-        self.model = model
+        # held weakly: engines are cached per model (``_cache.py``) and must not keep it alive
+        self._model_ref = weakref.ref(model)
         self.full_above = float(full_above)
         self.fold_batchnorm = bool(fold_batchnorm)
-        self.graph, self.opaque = trace_graph(model)
-        self.modules = dict(model.named_modules())
+        self.graph, self.opaque = traced if traced is not None else trace_graph(model)
+        self.modules = {k: m for k, m in model.named_modules() if k}
         self.nodes = list(self.graph.nodes)
         self.input_node = next(n for n in self.nodes if n.op == "placeholder")
         self.output_node = next(n for n in self.nodes if n.op == "output")
@@ -580,6 +583,10 @@ class IncrementalOcclusion:
         self._plan: _Plan | None = None
         self._plan_key: Any = None
         self._checked_inplace = False
+
+    @property
+    def model(self) -> nn.Module | None:
+        return self._model_ref()
 
     # -- graph analysis -------------------------------------------------------------------------
 
@@ -650,6 +657,8 @@ class IncrementalOcclusion:
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         if node.op == "get_attr":
             obj: Any = self.model
+            if obj is None:  # pragma: no cover - the model is gone
+                raise UnsupportedModel("the model of this graph no longer exists")
             for part in str(node.target).split("."):
                 obj = getattr(obj, part)
             return obj

@@ -9,6 +9,8 @@ projection of that map, when the deconv probe is installed) and writes ``occlusi
 
 from __future__ import annotations
 
+import json
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -132,7 +134,9 @@ class OcclusionProbe(convlens.Probe):
                 full_above=opts["full_above"], threads=opts["threads"], progress=advance,
             )  # fmt: skip
         names = class_names(ctx.model, res.num_classes)
+        t_write = time.perf_counter()
         files = self._write(ctx, res, x, paths, names, fill_rgb, fill_how)
+        res.phases["write"] = round(time.perf_counter() - t_write, 4)
         summary = self._summary(res, paths, names, fill_rgb, fill_how)
         data = {
             "maps": res,
@@ -206,6 +210,7 @@ class OcclusionProbe(convlens.Probe):
                 "class_names": {str(c): names[c] for c in used},
                 "path": res.path,
                 "seconds": round(res.seconds, 3),
+                "phases": res.phases,
                 "arrays": {
                     "file": "occlusion.npz",
                     "prob_target": "float32 [N, rows, cols]: p(target) with the square there",
@@ -247,7 +252,9 @@ class OcclusionProbe(convlens.Probe):
         x, paths, names = d["inputs"], d["paths"], d["names"]
         pre = ctx.preprocess
         figures, rows = [], []
+        t0 = time.perf_counter()
         projections, note, rule = _deconv_projections(ctx, x, res)  # rule: (name, layer)
+        t1 = time.perf_counter()
         for i, p in enumerate(paths):
             image = pre.denormalize(x[i]).permute(1, 2, 0).numpy()
             proj = None if projections is None else projections[i]
@@ -288,10 +295,27 @@ class OcclusionProbe(convlens.Probe):
             + "</table>"
             + "".join(f'<figure><img src="{esc(f)}" alt="occlusion"></figure>' for f in figures)
         )
+        _record_phases(
+            ctx.out_dir / "occlusion.json",
+            write=res.phases.get("write", 0.0),
+            deconv_panel=t1 - t0,
+            figures=time.perf_counter() - t1,
+        )
         return ReportSection("Occlusion sensitivity (Fig. 7)", html, figures, order=40)
 
     def describe(self, result: ProbeResult) -> list[tuple[str, str]]:
         return [(k, str(v)) for k, v in result.summary.items()]
+
+
+def _record_phases(path: Path, **seconds: float) -> None:
+    """Add the seconds of the phases after the computation (writing the files, panel (c) from
+    the deconv probe, the figures and report section) to ``phases`` in ``occlusion.json``."""
+    if not path.exists():
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    phases = data.setdefault("phases", {})
+    phases.update({k: round(v, 4) for k, v in seconds.items()})
+    write_json(path, data)
 
 
 def _worst(res: OcclusionMaps, i: int) -> dict[str, Any]:
@@ -384,4 +408,3 @@ def _deconv_projections(ctx: ProbeContext, x: torch.Tensor, res: OcclusionMaps):
         arr = projections[i].detach().cpu().float().numpy()
         out.append(robust_stretch(arr).transpose(1, 2, 0))
     return out, None, (choice.rule, layer)
-

@@ -133,6 +133,74 @@ def bench(
         "max_attr": float(np.abs(ref).max()),
         "path": ours.path["method"],
         "patch_layers": patch,
+        "flops": ours.path.get("flops"),
+    }
+
+
+_STARTUP = """
+import time, warnings
+t0 = time.perf_counter()
+import convlens.cli  # noqa: F401  (what `python -m convlens` imports)
+from convlens.plugins import get_host
+from convlens.runner import load_model
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    host = get_host()
+    load_model({model!r}, host=host)
+"""
+
+
+def cli_bench(name: str, window: int, stride: int, target: int, ppe: int, repeats: int) -> dict:
+    """The CLI comparison of issue #16: ``convlens probe occlusion`` as a subprocess (wall clock,
+    minus its start-up: interpreter, imports, plugin host and model creation, measured by a
+    subprocess that does only that) against Captum's ``Occlusion.attribute`` in this process, on
+    the same image (the bundled coffee photo), square, stride and target."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from convlens.data import sample
+
+    env = dict(os.environ, CONVLENS_NO_PROGRESS="1", PYTHONWARNINGS="ignore")
+    image = str(sample("coffee").path)
+    cmd = [sys.executable, "-m", "convlens", "probe", "occlusion", "--model", name, "--images",
+           image, "--window", str(window), "--stride", str(stride), "--target", str(target)]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = create_model(name)
+    x, _ = load_batch([sample("coffee").path], Preprocess.for_model(model))
+    t_cli, t_start, t_captum, phases = [], [], [], {}
+    for _ in range(repeats):  # alternate, keep the best of each
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", _STARTUP.format(model=name)], env=env, check=True)
+        t_start.append(time.perf_counter() - t)
+        with tempfile.TemporaryDirectory() as out:
+            t = time.perf_counter()
+            subprocess.run([*cmd, "--out", out], env=env, check=True, stdout=subprocess.DEVNULL)
+            t_cli.append(time.perf_counter() - t)
+            with open(os.path.join(out, "occlusion", "occlusion.json"), encoding="utf-8") as fh:
+                meta = json.load(fh)
+            if t_cli[-1] == min(t_cli):
+                phases = meta["phases"]
+        t = time.perf_counter()
+        with torch.no_grad():
+            captum_map(model, x, window, stride, target, ppe)
+        t_captum.append(time.perf_counter() - t)
+    work = min(t_cli) - min(t_start)
+    return {
+        "model": name,
+        "window": window,
+        "stride": stride,
+        "positions": meta["grid"]["rows"] * meta["grid"]["cols"],
+        "cli_s": min(t_cli),
+        "startup_s": min(t_start),
+        "cli_work_s": work,
+        "captum_s": min(t_captum),
+        "ratio": min(t_captum) / work,
+        "phases": phases,
+        "path": meta["path"]["method"],
     }
 
 
@@ -155,9 +223,28 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time convlens without incremental inference (method=batched)",
     )
+    ap.add_argument(
+        "--cli",
+        default=None,
+        metavar="MODEL",
+        help="instead: the CLI comparison (convlens probe occlusion as a subprocess, start-up "
+        "subtracted, vs Captum) on MODEL, at --stride (default 16) and --target (default 7)",
+    )
+    ap.add_argument("--target", type=int, default=None, help="class (--cli: default 7)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cli:
+        r = cli_bench(args.cli, args.window or 32, args.stride or 16,
+                      7 if args.target is None else args.target, args.ppe, args.repeats)  # fmt: skip
+        print(
+            f"CLI {r['model']} window {r['window']} stride {r['stride']} ({r['positions']} "
+            f"positions), {r['path']}: CLI {r['cli_s']:.2f} s - start-up {r['startup_s']:.2f} s "
+            f"= {r['cli_work_s']:.2f} s; Captum (perturbations_per_eval={args.ppe}) "
+            f"{r['captum_s']:.2f} s; Captum / CLI {r['ratio']:.2f}x"
+        )
+        print("phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items()))
+        return 0
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"Captum Occlusion perturbations_per_eval={args.ppe}",
@@ -188,6 +275,22 @@ def main(argv: list[str] | None = None) -> int:
             f"  {r['path']} ({len(r['patch_layers'])} patch layers)",
             flush=True,
         )
+        f = r["flops"]
+        if f:
+            print(
+                f"{'':<20}MACs on patches {100 * f['patch_share']:.1f}%; bound (exact changed "
+                f"units) {f['bound']:.2f}x, Krypton's equation {f['bound_krypton']:.2f}x, "
+                f"executor's plan {f['planned']:.2f}x",
+                flush=True,
+            )
+        if r["batched_s"] is not None and f:
+            speedup = r["batched_s"] / r["convlens_s"]
+            print(
+                f"{'':<20}incremental over batched {speedup:.2f}x = "
+                f"{100 * speedup / f['bound']:.0f}% of the bound "
+                f"({100 * speedup / f['bound_krypton']:.0f}% of Krypton's equation)",
+                flush=True,
+            )
         if r["batched_s"] is not None:
             print(
                 f"{'':<20}convlens batched (no incremental): {r['batched_s']:.2f} s, "

@@ -56,7 +56,8 @@ class ModelEntry:
     and its opaque submodules, or the reason tracing failed; ``engines``: incremental engines by
     (layer, call, full_above, fold_batchnorm), or the reason one cannot run; ``validated``: the
     engine keys whose graph reproduced the eager model's logits and layer; ``threads``: the
-    sweep's thread choice per method."""
+    sweep's thread choice per method; ``extras``: other per-model results (the deconv rule of
+    panel (c) measured on the bundled photos)."""
 
     signature: tuple
     default_layer: str | None = None
@@ -65,6 +66,7 @@ class ModelEntry:
     engines: dict[tuple, IncrementalOcclusion | UnsupportedModel] = field(default_factory=dict)
     validated: set[tuple] = field(default_factory=set)
     threads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    extras: dict[Any, Any] = field(default_factory=dict)
 
     def engine(
         self, model: nn.Module, layer: str, call: int, full_above: float, fold_batchnorm: bool

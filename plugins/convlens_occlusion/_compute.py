@@ -26,6 +26,7 @@ from convlens.engine import record, resolve_layer, top_conv_layer, trace_model
 from convlens.errors import ConvlensError
 
 from ._cache import entry_for
+from ._flops import flop_report
 from ._grid import OcclusionGrid, default_window, fill_tensor, paint
 from ._incremental import Geom, IncrementalOcclusion, UnsupportedModel
 
@@ -286,6 +287,7 @@ def occlusion_maps(
                     entry.max_numel = _max_activation_numel(model, x[:1])
 
         positions = len(grid)
+        flops: dict[str, Any] | None = None
         num_classes: int | None = None
         logits_all: torch.Tensor | None = None
         feature_all = torch.empty((n_img, positions), dtype=torch.float64)
@@ -346,6 +348,8 @@ def occlusion_maps(
                             logits_all[i], feature_all[i], advance, layout, tuners["batched"],
                         )  # fmt: skip
                         per_image.append("batched")
+                if i == 0 and engine is not None and cache is not None and engine._plan:
+                    flops = flop_report(engine, cache, engine._plan, grid.boxes()).to_dict()
                 del cache
                 batches.append(b)
         finally:
@@ -385,6 +389,7 @@ def occlusion_maps(
         "folded_batchnorms": engine._plan.folded if engine and engine._plan else 0,
         "layers": layers_report,
         "cached": dict(phases.cached),
+        "flops": flops,
     }
     return OcclusionMaps(
         grid=grid,
@@ -409,6 +414,36 @@ def occlusion_maps(
         seconds=time.perf_counter() - t0,
         phases=phases.seconds(time.perf_counter() - t0),
     )
+
+
+def flop_analysis(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    window: int | None = None,
+    stride: int | None = None,
+    layer: str | None = None,
+    full_above: float = 0.7,
+) -> dict[str, Any]:
+    """Krypton's theoretical bound and the incremental plan's multiply-adds for ``model`` on
+    the image ``x`` (``[1, C, H, W]``) without running the sweep (``_flops.py``); the same
+    numbers :func:`occlusion_maps` writes to ``path["flops"]``."""
+    _, _, height, width = x.shape
+    grid = OcclusionGrid(
+        int(height), int(width),
+        int(window) if window is not None else default_window(min(height, width)),
+        int(stride) if stride is not None else default_window(min(height, width), 8),
+    )  # fmt: skip
+    with torch.inference_mode():
+        entry, _ = entry_for(model, x)
+        if layer is None:
+            entry.default_layer = entry.default_layer or _default_layer(model, x[:1])
+            layer = entry.default_layer
+        ref = resolve_layer(model, layer)
+        engine, _, _ = entry.engine(model, ref.name, ref.call or 0, full_above, True)
+        cache = engine.cache(x[:1])
+        plan = engine.plan(cache, _input_geom(grid, x.device))
+        return flop_report(engine, cache, plan, grid.boxes()).to_dict()
 
 
 def _incremental_batch(plan, cache, positions: int) -> int:

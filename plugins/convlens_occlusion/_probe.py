@@ -25,6 +25,7 @@ from convlens.probe import ProbeContext, ProbeResult, ReportSection
 from convlens.render import save_png
 from convlens.render.report import esc
 
+from ._cache import entry_for
 from ._compute import METHODS, OcclusionMaps, occlusion_maps
 from ._grid import OcclusionGrid, default_window
 from ._render import figure, short_name
@@ -386,7 +387,15 @@ def _deconv_projections(ctx: ProbeContext, x: torch.Tensor, res: OcclusionMaps):
         # a ReLU6 output's strongest units sit at the ceiling, where guided projects zero: seed
         # the same channel at the ReLU6's input instead
         layer = unsaturated(trace_model(ctx.model, xs[:1]), res.layer)
-        choice = deconv.choose_rule(ctx.model, ref[:4], layer)
+        # the rule depends on the model and layer, not on this run's images when it is
+        # measured on the bundled photos: measured once per model (and weights) in a process
+        entry, _ = entry_for(ctx.model, xs)
+        key = ("deconv_rule", layer, xs.shape[0] < 2)
+        choice = entry.extras.get(key) if xs.shape[0] < 2 else None
+        if choice is None:
+            choice = deconv.choose_rule(ctx.model, ref[:4], layer)
+            if xs.shape[0] < 2:
+                entry.extras[key] = choice
         fig = "n/a" if choice.figure is None else f"{choice.figure:.2f}"
         ctx.note(f"occlusion panel (c) at {layer}: rule {choice.rule} (image_specificity "
                  f"{fig}): {choice.reason}")  # fmt: skip

@@ -12,6 +12,7 @@ import convlens
 
 from ._compute import (
     METHODS,
+    OcclusionApproxWarning,
     OcclusionFallbackWarning,
     OcclusionMaps,
     flop_analysis,
@@ -28,6 +29,7 @@ __all__ = [
     "OcclusionGrid",
     "OcclusionProbe",
     "OcclusionFallbackWarning",
+    "OcclusionApproxWarning",
     "IncrementalOcclusion",
     "UnsupportedModel",
     "METHODS",

@@ -25,12 +25,20 @@ from torch import nn
 from convlens.engine import record, resolve_layer, top_conv_layer, trace_model
 from convlens.errors import ConvlensError
 
+from ._approx import SubGrid, approximate_image
 from ._cache import entry_for
 from ._flops import flop_report
 from ._grid import OcclusionGrid, default_window, fill_tensor, paint
 from ._incremental import Geom, IncrementalOcclusion, UnsupportedModel
 
-__all__ = ["OcclusionMaps", "occlusion_maps", "METHODS", "OcclusionFallbackWarning"]
+__all__ = [
+    "OcclusionMaps",
+    "occlusion_maps",
+    "flop_analysis",
+    "METHODS",
+    "OcclusionFallbackWarning",
+    "OcclusionApproxWarning",
+]
 
 METHODS = ("auto", "incremental", "batched")
 #: Memory the positions of one batch may use (activations), to size batches automatically.
@@ -43,6 +51,10 @@ MAX_BATCH = 256
 
 class OcclusionFallbackWarning(UserWarning):
     """``method="auto"`` could not take the incremental path and used batched forwards."""
+
+
+class OcclusionApproxWarning(UserWarning):
+    """An approximate map (``approx=True``) missed its target SSIM on the exact check block."""
 
 
 @dataclass
@@ -190,6 +202,11 @@ def occlusion_maps(
     threads: int | None = None,
     return_logits: bool = False,
     progress: Callable[[int], None] | None = None,
+    approx: bool = False,
+    approx_coarse: int = 2,
+    approx_drill: float = 0.25,
+    approx_ssim: float = 0.9,
+    approx_seed: int = 0,
 ) -> OcclusionMaps:
     """Slide a square over every image of ``inputs`` (``[N, 3, H, W]``, model input space) and
     record the classifier's and one feature map's response at each position (Section 4.2, Fig. 7).
@@ -207,11 +224,22 @@ def occlusion_maps(
     eval-mode BatchNorm into the convolution that alone feeds it (one pass instead of two; equal
     to float rounding). ``threads``: intra-op threads during the sweep (default: torch's
     setting or one thread, whichever runs the first batches faster; see ``path["threads"]``).
+    ``approx``: Krypton's adaptive drill-down (``_approx.py``): exact values on every
+    ``approx_coarse``-th row and column of positions, interpolation between them, exact values
+    again where the target's probability changes most (``approx_drill`` of the positions), and
+    the SSIM of the predicted map against exact values on a random block of positions
+    (``approx_seed``), checked against ``approx_ssim`` (``path["approx"]``; a miss warns with
+    :class:`OcclusionApproxWarning`).
     """
     if method not in METHODS:
         raise ConvlensError(f"occlusion method {method!r}: choose one of {', '.join(METHODS)}")
     if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
         raise ConvlensError("occlusion inputs: expected a [N, C, H, W] tensor")
+    if approx and (approx_coarse < 2 or not 0.0 <= approx_drill <= 1.0
+                   or not 0.0 < approx_ssim <= 1.0):  # fmt: skip
+        raise ConvlensError(
+            "occlusion approx: coarse must be at least 2, drill in [0, 1], ssim in (0, 1]"
+        )
     if batch_size is not None and batch_size < 1:
         raise ConvlensError(f"occlusion batch_size {batch_size}: must be at least 1")
     if model.training:
@@ -288,6 +316,7 @@ def occlusion_maps(
 
         positions = len(grid)
         flops: dict[str, Any] | None = None
+        approx_records: list[dict[str, Any]] = []
         num_classes: int | None = None
         logits_all: torch.Tensor | None = None
         feature_all = torch.empty((n_img, positions), dtype=torch.float64)
@@ -334,22 +363,48 @@ def occlusion_maps(
                 channels.append(c_i)
                 logits0_rows.append(lg0.float().cpu())
                 feature_orig.append(float(ac0[0, c_i].double().sum()))
-                with phases("sweep"):
+                if i == 0 and engine is not None and cache is not None:
+                    with phases("flops"):
+                        full_plan = engine.plan(cache, _input_geom(grid, x.device))
+                        flops = flop_report(engine, cache, full_plan, grid.boxes()).to_dict()
+
+                per_batch: list[int] = [0]
+
+                def exact(
+                    index, i=i, c_i=c_i, cache=cache, lg_out=None, ft_out=None,
+                    num_classes=num_classes, per_batch=per_batch,
+                ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                    sub = grid if index is None else SubGrid(grid, index)
+                    n = len(sub)
+                    lg_out = torch.empty((n, num_classes)) if lg_out is None else lg_out
+                    ft_out = torch.empty(n, dtype=torch.float64) if ft_out is None else ft_out
                     if engine is not None and cache is not None:
-                        b = _sweep_incremental(
-                            engine, cache, x[i], grid, fill_t, c_i, batch_size, logits_all[i],
-                            feature_all[i], advance, layers_report, tuners["incremental"],
+                        bs = _sweep_incremental(
+                            engine, cache, x[i], sub, fill_t, c_i, batch_size, lg_out, ft_out,
+                            advance, layers_report, tuners["incremental"],
                         )  # fmt: skip
-                        per_image.append("incremental")
+                        per_batch[:] = [bs]
                     else:
-                        b = batch_size or _auto_batch(entry.max_numel or 1, positions)
+                        bs = batch_size or _auto_batch(entry.max_numel or 1, n)
                         _sweep_batched(
-                            model, x[i], grid, fill_t, layer_name, ref.is_function, c_i, b,
-                            logits_all[i], feature_all[i], advance, layout, tuners["batched"],
+                            model, x[i], sub, fill_t, layer_name, ref.is_function, c_i, bs,
+                            lg_out, ft_out, advance, layout, tuners["batched"],
                         )  # fmt: skip
-                        per_image.append("batched")
-                if i == 0 and engine is not None and cache is not None and engine._plan:
-                    flops = flop_report(engine, cache, engine._plan, grid.boxes()).to_dict()
+                        per_batch[:] = [bs]
+                    return lg_out, ft_out
+
+                with phases("sweep"):
+                    if approx:
+                        lg_i, ft_i, rec = approximate_image(
+                            grid, exact, t_i, coarse=approx_coarse, drill=approx_drill,
+                            quality=approx_ssim, seed=approx_seed + i,
+                        )  # fmt: skip
+                        logits_all[i], feature_all[i] = lg_i, ft_i
+                        approx_records.append(rec)
+                    else:
+                        exact(None, lg_out=logits_all[i], ft_out=feature_all[i])
+                per_image.append("incremental" if engine is not None else "batched")
+                b = per_batch[0]
                 del cache
                 batches.append(b)
         finally:
@@ -361,6 +416,19 @@ def occlusion_maps(
         if threads is None and device.type == "cpu":
             phases.cached["threads"] = all(tuners[m].cached for m in set(per_image))
 
+    approx_path = None
+    if approx:
+        misses = [k for k, r in enumerate(approx_records) if not r["meets_target"]]
+        approx_path = {"meets_target": not misses, "per_image": approx_records}
+        if misses:
+            figs = ", ".join(str(approx_records[k]["check"]["ssim"]) for k in misses)
+            warnings.warn(
+                f"occlusion approx: the approximate map of image(s) {misses} misses the target "
+                f"SSIM {approx_ssim} on its exact check block ({figs}): not a good approximation;"
+                " lower --approx-coarse or raise --approx-drill, or run exact",
+                OcclusionApproxWarning,
+                stacklevel=2,
+            )
     if reason is not None and method == "auto":
         warnings.warn(
             f"occlusion: incremental inference not used ({reason}); ran batched forwards",
@@ -390,6 +458,7 @@ def occlusion_maps(
         "layers": layers_report,
         "cached": dict(phases.cached),
         "flops": flops,
+        "approx": approx_path,
     }
     return OcclusionMaps(
         grid=grid,

@@ -113,6 +113,14 @@ class OcclusionProbe(convlens.Probe):
                         "torch's or one, whichever runs the first batches faster).", min=1),
         convlens.Option("full_above", float, 0.7, "Incremental path: run a layer in full once "
                         "the changed region exceeds this fraction of its map.", min=0, max=1),
+        convlens.Option("approx", bool, False, "Approximate map (Krypton's adaptive drill-down) "
+                        "with its SSIM against exact values on a random block of positions."),
+        convlens.Option("approx_coarse", int, 2, "--approx: exact on every k-th row and column "
+                        "of positions.", min=2, max=64),
+        convlens.Option("approx_drill", float, 0.25, "--approx: share of positions recomputed "
+                        "exactly where the map changes most.", min=0, max=1),
+        convlens.Option("approx_ssim", float, 0.9, "--approx: target SSIM; a map below it is "
+                        "reported as missing it.", min=0, max=1),
     )  # fmt: skip
 
     # -- run ------------------------------------------------------------------------------------
@@ -133,6 +141,9 @@ class OcclusionProbe(convlens.Probe):
                 fill=fill_model, target=opts["target"], layer=opts["layer"],
                 channel=opts["channel"], method=opts["method"], batch_size=opts["batch_size"],
                 full_above=opts["full_above"], threads=opts["threads"], progress=advance,
+                approx=bool(opts["approx"]), approx_coarse=opts["approx_coarse"],
+                approx_drill=opts["approx_drill"], approx_ssim=opts["approx_ssim"],
+                approx_seed=ctx.seed,
             )  # fmt: skip
         names = class_names(ctx.model, res.num_classes)
         t_write = time.perf_counter()
@@ -233,6 +244,7 @@ class OcclusionProbe(convlens.Probe):
             f"{tuple(round(v, 3) for v in res.fill)}",
             "layer": f"{res.layer} ({res.channel_source} channel)",
             "path": describe_path(res.path),
+            **({"approx": describe_approx(res.path["approx"])} if res.path.get("approx") else {}),
             "threads": ", ".join(f"{k} {v['threads']}" for k, v in res.path["threads"].items()),
             "seconds": round(res.seconds, 2),
         }
@@ -327,6 +339,24 @@ def _worst(res: OcclusionMaps, i: int) -> dict[str, Any]:
         "at": [r, c],
         "box": [int(v) for v in res.grid.boxes()[p]],
     }
+
+
+def describe_approx(approx: dict[str, Any]) -> str:
+    """One line: how good the approximate map is, and whether it meets its target."""
+    per = approx["per_image"]
+    figs = [r["check"]["ssim"] for r in per]
+    shown = ", ".join("n/a" if f is None else f"{f:.3f}" for f in figs)
+    exact = sum(r["exact_positions"]["total"] for r in per)
+    total = sum(r["positions"] for r in per)
+    verdict = (
+        "meets the target"
+        if approx["meets_target"]
+        else "BELOW the target: not a good approximation"
+    )
+    return (
+        f"approximate (adaptive drill-down): {exact} of {total} positions exact; SSIM on the "
+        f"exact check block {shown} vs target {per[0]['target_ssim']}: {verdict}"
+    )
 
 
 def describe_path(path: dict[str, Any]) -> str:

@@ -74,6 +74,7 @@ def bench(
     ppe: int,
     method: str,
     with_batched: bool = False,
+    with_approx: bool = False,
 ) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -95,7 +96,8 @@ def bench(
         logits = model(x)
     target = int(logits.argmax(1))
     p_orig = float(logits.double().softmax(1)[0, target])
-    t_ours, t_captum, t_batched = [], [], []
+    t_ours, t_captum, t_batched, t_approx = [], [], [], []
+    approx = None
     ours = attr = None
     for _ in range(repeats):
         if with_batched:  # convlens without incremental inference: what layout alone gives
@@ -103,6 +105,13 @@ def bench(
             occlusion_maps(model, x, window=window, stride=stride, fill=0.0, target=target,
                            method="batched")  # fmt: skip
             t_batched.append(time.perf_counter() - t)
+        if with_approx:  # adaptive drill-down, its SSIM checked below against the exact map
+            t = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                approx = occlusion_maps(model, x, window=window, stride=stride, fill=0.0,
+                                        target=target, approx=True)  # fmt: skip
+            t_approx.append(time.perf_counter() - t)
         t = time.perf_counter()
         ours = occlusion_maps(
             model, x, window=window, stride=stride, fill=0.0, target=target, method=method
@@ -118,6 +127,16 @@ def bench(
     err = diff / max(np.abs(ref).max(), 1e-30)  # relative to the largest attribution
     err_p = diff / p_orig  # in units of the unoccluded probability
     patch = [r["node"] for r in ours.path["layers"] if r["mode"] == "patch"]
+    approx_ssim = approx_check = None
+    if approx is not None:
+        from skimage.metrics import structural_similarity
+
+        ex = ours.prob_target[0].astype(np.float64)
+        approx_ssim = float(structural_similarity(
+            approx.prob_target[0].astype(np.float64), ex, win_size=7,
+            data_range=float(ex.max() - ex.min()) or 1.0,
+        ))  # fmt: skip
+        approx_check = approx.path["approx"]["per_image"][0]["check"]["ssim"]
     return {
         "model": name,
         "input": h,
@@ -134,6 +153,9 @@ def bench(
         "path": ours.path["method"],
         "patch_layers": patch,
         "flops": ours.path.get("flops"),
+        "approx_s": min(t_approx) if t_approx else None,
+        "approx_ssim": approx_ssim,
+        "approx_check_ssim": approx_check,
     }
 
 
@@ -231,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         "subtracted, vs Captum) on MODEL, at --stride (default 16) and --target (default 7)",
     )
     ap.add_argument("--target", type=int, default=None, help="class (--cli: default 7)")
+    ap.add_argument(
+        "--with-approx", action="store_true", help="also time --approx and its SSIM vs exact"
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -266,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             args.ppe,
             args.method,
             args.with_batched,
+            args.with_approx,
         )
         rows.append(r)
         print(
@@ -289,6 +315,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'':<20}incremental over batched {speedup:.2f}x = "
                 f"{100 * speedup / f['bound']:.0f}% of the bound "
                 f"({100 * speedup / f['bound_krypton']:.0f}% of Krypton's equation)",
+                flush=True,
+            )
+        if r["approx_s"] is not None:
+            print(
+                f"{'':<20}approximate (--approx): {r['approx_s']:.2f} s, Captum/approx "
+                f"{r['captum_s'] / r['approx_s']:.2f}x; SSIM of the whole map vs exact "
+                f"{r['approx_ssim']:.3f} (its own check block: {r['approx_check_ssim']})",
                 flush=True,
             )
         if r["batched_s"] is not None:

@@ -207,6 +207,7 @@ def occlusion_maps(
     approx_drill: float = 0.25,
     approx_ssim: float = 0.9,
     approx_seed: int = 0,
+    group_positions: int = 4,
 ) -> OcclusionMaps:
     """Slide a square over every image of ``inputs`` (``[N, 3, H, W]``, model input space) and
     record the classifier's and one feature map's response at each position (Section 4.2, Fig. 7).
@@ -224,6 +225,10 @@ def occlusion_maps(
     eval-mode BatchNorm into the convolution that alone feeds it (one pass instead of two; equal
     to float rounding). ``threads``: intra-op threads during the sweep (default: torch's
     setting or one thread, whichever runs the first batches faster; see ``path["threads"]``).
+    ``group_positions``: the incremental path sweeps positions in up to this many groups per
+    axis, by the size of the box they change in each layer (border positions and those aligned
+    with a stride change less), each group with patches of its own largest box (1: one patch
+    size for all positions).
     ``approx``: Krypton's adaptive drill-down (``_approx.py``): exact values on every
     ``approx_coarse``-th row and column of positions, interpolation between them, exact values
     again where the target's probability changes most (``approx_drill`` of the positions), and
@@ -316,6 +321,7 @@ def occlusion_maps(
 
         positions = len(grid)
         flops: dict[str, Any] | None = None
+        groups: list[np.ndarray] | None = None
         approx_records: list[dict[str, Any]] = []
         num_classes: int | None = None
         logits_all: torch.Tensor | None = None
@@ -363,21 +369,28 @@ def occlusion_maps(
                 channels.append(c_i)
                 logits0_rows.append(lg0.float().cpu())
                 feature_orig.append(float(ac0[0, c_i].double().sum()))
-                if i == 0 and engine is not None and cache is not None:
-                    with phases("flops"):
-                        full_plan = engine.plan(cache, _input_geom(grid, x.device))
-                        flops = flop_report(engine, cache, full_plan, grid.boxes()).to_dict()
+                if groups is None and engine is not None and cache is not None:
+                    with phases("plan"):
+                        flops, groups = _plan_groups(
+                            engine, cache, grid, x.device, group_positions, layers_report
+                        )
 
                 per_batch: list[int] = [0]
 
                 def exact(
                     index, i=i, c_i=c_i, cache=cache, lg_out=None, ft_out=None,
-                    num_classes=num_classes, per_batch=per_batch,
+                    num_classes=num_classes, per_batch=per_batch, groups=groups,
                 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
                     sub = grid if index is None else SubGrid(grid, index)
                     n = len(sub)
                     lg_out = torch.empty((n, num_classes)) if lg_out is None else lg_out
                     ft_out = torch.empty(n, dtype=torch.float64) if ft_out is None else ft_out
+                    if index is None and groups and len(groups) > 1:
+                        for g in groups:  # positions whose changed boxes have similar sizes
+                            lg_g, ft_g = exact(g, i=i, c_i=c_i, cache=cache)
+                            gi = torch.as_tensor(g)
+                            lg_out[gi], ft_out[gi] = lg_g, ft_g
+                        return lg_out, ft_out
                     if engine is not None and cache is not None:
                         bs = _sweep_incremental(
                             engine, cache, x[i], sub, fill_t, c_i, batch_size, lg_out, ft_out,
@@ -483,6 +496,75 @@ def occlusion_maps(
         seconds=time.perf_counter() - t0,
         phases=phases.seconds(time.perf_counter() - t0),
     )
+
+
+def _plan_groups(engine, cache, grid, device, per_axis: int, layers_report: list[dict]):
+    """The multiply-add report (``_flops.py``) and the groups of positions of the sweep.
+
+    Positions whose changed boxes have the same size in every layer can share one patch size
+    without computing more than they change; one patch size for the whole grid (the largest box)
+    makes border positions, and positions aligned with a stride, compute more. The rows of the
+    grid are grouped by the sizes of their boxes' vertical extents in every convolution (which
+    depend on the row alone), merged greedily — the merge that adds the fewest multiply-adds
+    first — down to ``per_axis`` groups; the same for columns; a group of positions is a row
+    group times a column group."""
+    full_plan = engine.plan(cache, _input_geom(grid, device))
+    if not layers_report:
+        layers_report.extend(r.to_dict() for r in full_plan.report)
+    report = flop_report(engine, cache, full_plan, grid.boxes())
+    flops = report.to_dict()
+    rows, cols = grid.shape
+    groups = [np.arange(len(grid))]
+    if per_axis > 1 and report.extents:
+        per = np.array([e[0] for e in report.extents])
+        ey = np.stack([e[1] for e in report.extents], 1).reshape(rows, cols, -1)
+        ex = np.stack([e[2] for e in report.extents], 1).reshape(rows, cols, -1)
+        if (ey == ey[:, :1]).all() and (ex == ex[:1]).all():
+            row_groups = _merge(ey[:, 0], ex[0].max(0), per, per_axis)
+            col_groups = _merge(ex[0], ey[:, 0].max(0), per, per_axis)
+            groups = [
+                (r[:, None] * cols + c[None, :]).reshape(-1) for r in row_groups for c in col_groups
+            ]
+    if len(groups) > 1:
+        executed = 0.0
+        for g in groups:
+            sub = SubGrid(grid, g)
+            plan = engine.plan(cache, _input_geom(sub, device))
+            executed += len(g) * flop_report(engine, cache, plan, sub.boxes()).executed
+        executed /= len(grid)
+        flops["macs_executed"] = round(executed)
+        flops["planned"] = round(report.full / max(executed, 1e-30), 3)
+    flops["groups"] = len(groups)
+    return flops, groups
+
+
+def _merge(sizes: np.ndarray, other: np.ndarray, per: np.ndarray, k: int) -> list[np.ndarray]:
+    """Indices along one axis (``sizes[i]``: the extent of each layer's box at index ``i``)
+    grouped by equal sizes, then merged pairwise (cheapest merge first, a group then computes the
+    larger extent of the two) until ``k`` groups remain. ``other``: the other axis's largest
+    extents, ``per``: multiply-adds per unit, to weigh a merge's cost."""
+    found: dict[tuple, list[int]] = {}
+    for i, s in enumerate(sizes):
+        found.setdefault(tuple(int(v) for v in s), []).append(i)
+    gs = [(np.array(s, dtype=np.float64), idx) for s, idx in found.items()]
+    weight = per * other
+
+    def cost(s, n):
+        return n * float((weight * s).sum())
+
+    while len(gs) > k:
+        best = None
+        for a in range(len(gs)):
+            for b in range(a + 1, len(gs)):
+                (sa, ia), (sb, ib) = gs[a], gs[b]
+                extra = cost(np.maximum(sa, sb), len(ia) + len(ib)) - cost(sa, len(ia))
+                extra -= cost(sb, len(ib))
+                if best is None or extra < best[0]:
+                    best = (extra, a, b)
+        _, a, b = best
+        gs[a] = (np.maximum(gs[a][0], gs[b][0]), gs[a][1] + gs[b][1])
+        del gs[b]
+    return [np.asarray(sorted(idx), dtype=np.int64) for _, idx in gs]
 
 
 def flop_analysis(

@@ -119,6 +119,8 @@ class FlopReport:
     krypton: float
     patch_share: float
     layers: list[dict]
+    #: per convolution on patches: (MACs per unit, changed rows [P], changed columns [P])
+    extents: list[tuple[float, np.ndarray, np.ndarray]] | None = None
 
     @property
     def bound(self) -> float:
@@ -186,6 +188,7 @@ def flop_report(
 
     full = executed = changed = krypton = patch_full = 0.0
     layers: list[dict] = []
+    extents: list[tuple[float, np.ndarray, np.ndarray]] = []
     for n in engine.nodes:
         value = cached.get(n)
         if n.op == "placeholder":
@@ -213,6 +216,8 @@ def flop_report(
         units = _units(value, kind)
         f = per_unit * units
         if isinstance(st, _Boxes):
+            if kind == "conv":
+                extents.append((per_unit, st.y1 - st.y0, st.x1 - st.x0))
             c = per_unit * float(st.area().mean())
             k = per_unit * float(st.krypton_area().mean())
         else:
@@ -231,7 +236,9 @@ def flop_report(
             "macs_executed": round(e), "macs_changed": round(c), "macs_krypton": round(k),
             "mode": "patch" if on_patch else "full",
         })  # fmt: skip
-    return FlopReport(full, executed, changed, krypton, patch_full / max(full, 1e-30), layers)
+    return FlopReport(
+        full, executed, changed, krypton, patch_full / max(full, 1e-30), layers, extents
+    )
 
 
 def _propagate(engine, n, value, cached, state, const) -> Any:

@@ -49,6 +49,10 @@ from convlens.errors import ConvlensError
 __all__ = ["IncrementalOcclusion", "UnsupportedModel", "trace_graph"]
 
 
+#: Plans kept per engine (one per group of positions and grid; see ``_compute._groups``).
+PLANS_KEPT = 64
+
+
 class UnsupportedModel(ConvlensError):
     """The incremental path cannot run this model (the batched path still can)."""
 
@@ -580,8 +584,9 @@ class IncrementalOcclusion:
                 self.feature_node = self._find_module_node(feature_layer, feature_call)
         self._dep = self._dependencies()
         self._last_use = self._last_uses()
-        self._plan: _Plan | None = None
-        self._plan_key: Any = None
+        self._plan: _Plan | None = None  # the latest plan
+        self._plans: OrderedDict[Any, _Plan] = OrderedDict()  # by geometry, the latest last
+        self._fold_cache: dict[fx.Node, _Folded] | None = None
         self._checked_inplace = False
 
     @property
@@ -736,7 +741,9 @@ class IncrementalOcclusion:
             tuple(geom_in.oy.tolist()),
             tuple(geom_in.ox.tolist()),
         )
-        if self._plan is not None and self._plan_key == key:
+        if key in self._plans:
+            self._plans.move_to_end(key)
+            self._plan = self._plans[key]
             return self._plan
         plan = _Plan()
         cached = image.values
@@ -750,7 +757,9 @@ class IncrementalOcclusion:
                 else a
             )
 
-        folds = self._folds(cached, const) if self.fold_batchnorm else {}
+        if self._fold_cache is None:  # depends on the weights only: shared by all plans
+            self._fold_cache = self._folds(cached, const) if self.fold_batchnorm else {}
+        folds = self._fold_cache
         aliases = {f.bn: conv for conv, f in folds.items()}
         plan.folded = len(folds)
         for n in self.nodes:
@@ -824,7 +833,9 @@ class IncrementalOcclusion:
                     plan.report.append(
                         NodeReport(_node_label(n), action[0], "full", 1.0, tuple(value.shape))
                     )
-        self._plan, self._plan_key = plan, key
+        self._plan = self._plans[key] = plan
+        while len(self._plans) > PLANS_KEPT:
+            self._plans.popitem(last=False)
         return plan
 
     def _folds(self, cached, const) -> dict[fx.Node, _Folded]:
@@ -867,6 +878,9 @@ class IncrementalOcclusion:
         value = cached[n]
         if _is_shape_query(n):  # answered from a meta tensor of the full batch shape
             return ("meta", None), None
+        concat = self._plan_cat(n, kind, value, thr)
+        if concat is not None:
+            return concat
         if not (isinstance(value, torch.Tensor) and value.dim() == 4 and first_is_patch):
             return ("run", None), None
         g_in: Geom = kind[first]
@@ -920,6 +934,32 @@ class IncrementalOcclusion:
                     return ("run", None), None
                 return ("union", None), g
         return ("run", None), None
+
+    @staticmethod
+    def _plan_cat(n: fx.Node, kind, value, thr):
+        """``torch.cat`` of changed maps along channels (DenseNet's dense blocks): the output
+        changes in the union of the inputs' boxes; each input is re-cut to it."""
+        if not (n.op == "call_function" and n.target is torch.cat):
+            return None
+        if not (isinstance(value, torch.Tensor) and value.dim() == 4):
+            return None
+        items = n.args[0] if n.args else n.kwargs.get("tensors")
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+        if not isinstance(items, (list, tuple)) or not isinstance(dim, int) or dim % 4 != 1:
+            return None
+        if not all(isinstance(a, fx.Node) and isinstance(kind.get(a), Geom) for a in items):
+            return ("run", None), None
+        g = kind[items[0]]
+        for a in items[1:]:
+            h = kind[a]
+            if (h.H, h.W) != (g.H, g.W):
+                return ("run", None), None
+            oy, hh = _union_axis(g.oy, g.h, h.oy, h.h, g.H)
+            ox, ww = _union_axis(g.ox, g.w, h.ox, h.w, g.W)
+            g = Geom(hh, ww, oy, ox, g.H, g.W)
+        if g.fraction > thr:
+            return ("run", None), None
+        return ("cat", tuple(items)), g
 
     @staticmethod
     def _pads(win: _Window, in_hw, out_hw) -> tuple[int, int, int, int] | None:
@@ -1072,6 +1112,11 @@ class IncrementalOcclusion:
                 args = (src.data, crop, *fx.node.map_arg(n.args[2:], full))
                 kwargs = fx.node.map_arg(n.kwargs, full)
                 vals[n] = _Patch(self._call(n, args, kwargs), src.oy, src.ox, cached[n])
+            elif action == "cat":
+                g = plan.geoms[n]
+                oy, ox = g.oy[chunk], g.ox[chunk]
+                parts = [_align(vals[a], g, oy, ox, pads_memo, a) for a in extra]
+                vals[n] = _Patch(torch.cat(parts, 1), oy, ox, cached[n])
             elif action == "union":
                 g = plan.geoms[n]
                 oy, ox = g.oy[chunk], g.ox[chunk]

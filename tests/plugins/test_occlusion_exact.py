@@ -67,6 +67,26 @@ class MeanImageNet(nn.Module):
         return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
 
 
+class DenseNet(nn.Module):
+    """A dense block (DenseNet): each layer reads the channel concatenation of all earlier
+    maps, whose changed boxes differ in size; pre-activation BatchNorm on the concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.bns = nn.ModuleList(nn.BatchNorm2d(4 + 3 * k) for k in range(3))
+        self.convs = nn.ModuleList(nn.Conv2d(4 + 3 * k, 3, 3, padding=1) for k in range(3))
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear(13, 5)
+
+    def forward(self, x):
+        feats = [self.stem(x)]
+        for bn, conv in zip(self.bns, self.convs, strict=True):
+            feats.append(conv(torch.relu(bn(torch.cat(feats, 1)))))
+        y = self.pool(torch.cat(feats, 1))
+        return self.fc(y.mean((2, 3)))
+
+
 class ControlFlowNet(nn.Module):
     """Data-dependent control flow in ``forward``: torch.fx cannot trace it."""
 
@@ -136,7 +156,9 @@ MODELS = {
     "tiny-resnet-se": (lambda: tiny_model("resnet"), 8, 3, None, 2),
     "oddnet": (lambda: (_seed(OddNet()), (1, 3, 21, 27)), 6, 4, "c2", 2),
     "mean-image": (lambda: (_seed(MeanImageNet()), (1, 3, 20, 24)), 5, 3, "conv", 2),
+    "dense-block": (lambda: (_seed(DenseNet()), (1, 3, 24, 24)), 5, 3, "convs.2", 2),
     "zfnet-96-inplace": (lambda: _zfnet(inplace=True), 16, 10, "conv5", 1),
+    "timm-densenet121-64": (lambda: _timm("densenet121", 64), 16, 12, None, 1),
     "timm-resnet18-64": (lambda: _timm("resnet18", 64), 16, 12, "layer3.1.act2", 1),
     "timm-efficientnet_lite0-64": (
         lambda: _timm("efficientnet_lite0", 64),
@@ -213,6 +235,15 @@ def test_maps_equal_a_naive_loop(case, method):
         clear = (top2[:, 0] - top2[:, 1]) > 1e-4 * logits.abs().max()
         top = torch.as_tensor(res.top_class[i]).reshape(-1)
         assert torch.equal(top[clear], logits.argmax(1)[clear]), f"{name}: top_class"
+
+
+def test_concatenations_run_on_patches():
+    model = _seed(DenseNet())
+    x = torch.randn(1, 3, 24, 24, generator=torch.Generator().manual_seed(2))
+    res = occlusion_maps(model, x, window=5, stride=3, layer="convs.2", method="incremental",
+                         full_above=1.0)  # fmt: skip
+    cats = [(r["op"], r["mode"]) for r in res.path["layers"] if r["node"].startswith("cat")]
+    assert cats == [("cat", "patch")] * 4, res.path["layers"]
 
 
 def test_per_pixel_constant_maps_are_cropped_not_run_in_full():

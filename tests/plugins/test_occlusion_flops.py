@@ -43,10 +43,18 @@ def test_bound_equals_hand_arithmetic():
     changed = c1 + c2 + 24  # after global pooling everything changes
     assert f["macs_changed"] == round(changed) == 4641
     assert f["bound"] == pytest.approx(full / changed, abs=1e-3)  # 5.962
-    # the executor runs one patch size per layer, the largest: 6×6 for c1, 4×4 for c2
+    # rows (and columns) fall in two groups by their boxes' extents, (5, 3) at the borders and
+    # (6, 4) inside: each group's patches have its own size, so the plan computes exactly the
+    # changed units
+    assert f["groups"] == 4
+    assert f["macs_executed"] == round(changed)
+    # with one patch size for all positions, the largest: 6×6 for c1, 4×4 for c2
+    one = occlusion_maps(model, x, window=4, stride=4, layer="c2", method="incremental",
+                         group_positions=1).path["flops"]  # fmt: skip
     executed = 36 * 36 + 288 * 16 + 24
-    assert f["macs_executed"] == executed
-    assert f["planned"] == pytest.approx(full / executed, abs=1e-3)
+    assert one["groups"] == 1
+    assert one["macs_executed"] == executed
+    assert one["planned"] == pytest.approx(full / executed, abs=1e-3)
     assert f["patch_share"] == pytest.approx((36 * 256 + 288 * 64) / full, abs=1e-4)
     kinds = [(r["kind"], r["mode"]) for r in f["layers"]]
     assert kinds == [("conv", "patch"), ("conv", "patch"), ("linear", "full")]

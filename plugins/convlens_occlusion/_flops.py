@@ -225,7 +225,7 @@ def flop_report(
         g = plan.geoms.get(n)
         action = plan.actions.get(n, ("run", None))[0]
         on_patch = g is not None and action in ("local", "window_pointwise", "pointwise")
-        e = per_unit * g.h * g.w if on_patch and kind == "conv" else f
+        e = per_unit * g.h * g.w if on_patch else f
         full += f
         executed += e
         changed += c

@@ -425,6 +425,7 @@ class Geom:
     ox: torch.Tensor
     H: int
     W: int
+    nhwc: bool = False  # the map is channels-last in its shape, ``[N, H, W, C]`` (ConvNeXt)
 
     @property
     def fraction(self) -> float:
@@ -476,6 +477,7 @@ class _Patch:
     oy: torch.Tensor
     ox: torch.Tensor
     base: torch.Tensor
+    nhwc: bool = False  # ``base`` is ``[1, H, W, C]`` and ``data`` ``[B, h, w, C]``
 
 
 @dataclass
@@ -884,6 +886,17 @@ class IncrementalOcclusion:
         if not (isinstance(value, torch.Tensor) and value.dim() == 4 and first_is_patch):
             return ("run", None), None
         g_in: Geom = kind[first]
+        dims = _permute_dims(n)
+        if dims is not None and others_const:  # NCHW <-> NHWC (ConvNeXt's blocks)
+            to_nhwc, to_nchw = dims == (0, 2, 3, 1), dims == (0, 3, 1, 2)
+            if (to_nhwc and not g_in.nhwc) or (to_nchw and g_in.nhwc):
+                g = Geom(g_in.h, g_in.w, g_in.oy, g_in.ox, g_in.H, g_in.W, to_nhwc)
+                return ("permute", dims), g
+            return ("run", None), None
+        if g_in.nhwc:  # channels last in the shape: only ops over the channel axis stay per pixel
+            if others_const and self._pointwise_nhwc(n, module, const, cached, others, value):
+                return ("pointwise", None), g_in
+            return ("run", None), None
         base_in = cached[first]
         # convolution and pooling windows
         if others_const and (module is not None or n.op == "call_function"):
@@ -934,6 +947,26 @@ class IncrementalOcclusion:
                     return ("run", None), None
                 return ("union", None), g
         return ("run", None), None
+
+    def _pointwise_nhwc(self, n, module, const, cached, others, value) -> bool:
+        """Per pixel on a ``[N, H, W, C]`` map: LayerNorm and ``Linear`` over the last axis,
+        activations, dropout at eval, and element-wise ops with per-channel constants."""
+        if isinstance(module, nn.Linear) or (n.op == "call_function" and n.target is F.linear):
+            return True
+        if isinstance(module, nn.LayerNorm) or (
+            n.op == "call_function" and n.target is F.layer_norm
+        ):
+            shape = module.normalized_shape if module is not None else const(n.args[1])
+            return tuple(shape) == (value.shape[-1],)
+        if module is not None and (
+            isinstance(module, nn.BatchNorm2d) or isinstance(module, nn.LocalResponseNorm)
+        ):
+            return False
+        if n.op == "call_function" and n.target in (F.batch_norm, F.local_response_norm):
+            return False
+        if any(isinstance(cached.get(a), torch.Tensor) and cached[a].dim() > 1 for a in others):
+            return False  # only scalars or [C] vectors broadcast over the channel axis
+        return self._pointwise(n, module, const, cached, others)
 
     @staticmethod
     def _plan_cat(n: fx.Node, kind, value, thr):
@@ -1105,7 +1138,10 @@ class IncrementalOcclusion:
 
                 args = (src.data,) + tuple(fx.node.map_arg(n.args[1:], same_or_full))
                 kwargs = fx.node.map_arg(n.kwargs, same_or_full)
-                vals[n] = _Patch(self._call(n, args, kwargs), src.oy, src.ox, cached[n])
+                vals[n] = _Patch(self._call(n, args, kwargs), src.oy, src.ox, cached[n], src.nhwc)
+            elif action == "permute":
+                src = vals[n.args[0]]
+                vals[n] = _Patch(src.data.permute(*extra), src.oy, src.ox, cached[n], not src.nhwc)
             elif action == "pointwise_map":
                 src = vals[n.args[0]]
                 crop = _crop(cached[extra], src.oy, src.ox, *src.data.shape[-2:])
@@ -1160,6 +1196,19 @@ def _layout_safe(n: fx.Node, module: nn.Module | None) -> bool:
     if n.op == "call_method":
         return n.target in _LAYOUT_SAFE_METHODS
     return True
+
+
+def _permute_dims(n: fx.Node) -> tuple[int, ...] | None:
+    """The dims of ``x.permute(...)`` / ``torch.permute(x, dims)`` when given as numbers."""
+    if n.op == "call_method" and n.target == "permute":
+        dims = n.args[1] if len(n.args) == 2 else n.args[1:]
+    elif n.op == "call_function" and n.target is torch.permute:
+        dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dims")
+    else:
+        return None
+    if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) for d in dims):
+        return None
+    return tuple(d % 4 for d in dims)
 
 
 def _is_shape_query(n: fx.Node) -> bool:
@@ -1254,11 +1303,26 @@ def _align(v: Any, g: Geom, oy, ox, pads_memo, node) -> torch.Tensor:
 
 def _materialize(v: _Patch) -> torch.Tensor:
     """The full maps ``[B, C, H, W]`` (channels-last memory): the cached map with each
-    position's patch written in."""
+    position's patch written in (``[B, H, W, C]`` for a channels-last-shaped map)."""
+    if v.nhwc:
+        b, h, w, c = v.data.shape
+        _, H, W, _ = v.base.shape
+        out = v.base.new_empty((b, H, W, c))
+        out.copy_(v.base.expand(b, H, W, c))  # a copy even for one position: never the cache
+        dev = v.data.device
+        ys = v.oy[:, None] + torch.arange(h, device=dev)
+        xs = v.ox[:, None] + torch.arange(w, device=dev)
+        idx = (ys[:, :, None] * W + xs[:, None, :]).reshape(b, h * w, 1).expand(b, h * w, c)
+        out.view(b, H * W, c).scatter_(1, idx, v.data.reshape(b, h * w, c))
+        return out
     data = v.data
     b, c, h, w = data.shape
     _, _, H, W = v.base.shape
-    out = v.base.expand(b, c, H, W).contiguous(memory_format=torch.channels_last)
+    # always a copy: ``contiguous`` would return the cached map itself for one position of a
+    # map already in channels-last memory, and the scatter below would overwrite the cache
+    out = torch.empty((b, c, H, W), dtype=v.base.dtype, device=v.base.device,
+                      memory_format=torch.channels_last)  # fmt: skip
+    out.copy_(v.base.expand(b, c, H, W))
     dev = data.device
     ys = v.oy[:, None] + torch.arange(h, device=dev)
     xs = v.ox[:, None] + torch.arange(w, device=dev)
@@ -1270,6 +1334,8 @@ def _materialize(v: _Patch) -> torch.Tensor:
 
 def _channel_sums(v: Any, channel: int, image: ImageCache) -> torch.Tensor:
     """Spatial sum of one channel at every position, float64 ``[B]``."""
+    if isinstance(v, _Patch) and v.nhwc:
+        v = _materialize(v)
     if isinstance(v, _Patch):
         key = (id(v.base), channel)
         if key not in image.integrals:

@@ -75,10 +75,11 @@ def bench(
     method: str,
     with_batched: bool = False,
     with_approx: bool = False,
+    device: str = "cpu",
 ) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = create_model(name)
+        model = create_model(name).to(device)
     pre = Preprocess.for_model(model)
     if size is not None:
         pre = Preprocess(
@@ -89,6 +90,7 @@ def bench(
             interpolation=pre.interpolation,
         )
     x, _ = load_batch([sample("coffee").path], pre)
+    x = x.to(device)
     h = x.shape[-1]
     window = window or max(1, round(32 * h / 224))
     stride = stride or max(1, round(8 * h / 224))
@@ -120,9 +122,11 @@ def bench(
         t = time.perf_counter()
         with torch.no_grad():
             attr = captum_map(model, x, window, stride, target, ppe)
+            if x.is_cuda:
+                torch.cuda.synchronize()
         t_captum.append(time.perf_counter() - t)
     rebuilt = attribution_from_map(ours, p_orig)
-    ref = attr[0, 0].double().numpy()  # the same on all three channels
+    ref = attr[0, 0].double().cpu().numpy()  # the same on all three channels
     diff = float(np.abs(rebuilt - ref).max())
     err = diff / max(np.abs(ref).max(), 1e-30)  # relative to the largest attribution
     err_p = diff / p_orig  # in units of the unoccluded probability
@@ -253,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         "subtracted, vs Captum) on MODEL, at --stride (default 16) and --target (default 7)",
     )
     ap.add_argument("--target", type=int, default=None, help="class (--cli: default 7)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (model and image)")
     ap.add_argument(
         "--with-approx", action="store_true", help="also time --approx and its SSIM vs exact"
     )
@@ -292,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             args.method,
             args.with_batched,
             args.with_approx,
+            args.device,
         )
         rows.append(r)
         print(

@@ -207,6 +207,7 @@ def occlusion_maps(
     approx_drill: float = 0.25,
     approx_ssim: float = 0.9,
     approx_seed: int = 0,
+    approx_check: float = 0.15,
     group_positions: int = 4,
 ) -> OcclusionMaps:
     """Slide a square over every image of ``inputs`` (``[N, 3, H, W]``, model input space) and
@@ -232,8 +233,8 @@ def occlusion_maps(
     ``approx``: Krypton's adaptive drill-down (``_approx.py``): exact values on every
     ``approx_coarse``-th row and column of positions, interpolation between them, exact values
     again where the target's probability changes most (``approx_drill`` of the positions), and
-    the SSIM of the predicted map against exact values on a random block of positions
-    (``approx_seed``), checked against ``approx_ssim`` (``path["approx"]``; a miss warns with
+    the SSIM of the predicted map against exact values on random 7 × 7 blocks of positions
+    (``approx_seed``; about ``approx_check`` of the positions; the worst block counts), checked against ``approx_ssim`` (``path["approx"]``; a miss warns with
     :class:`OcclusionApproxWarning`).
     """
     if method not in METHODS:
@@ -410,7 +411,7 @@ def occlusion_maps(
                     if approx:
                         lg_i, ft_i, rec = approximate_image(
                             grid, exact, t_i, coarse=approx_coarse, drill=approx_drill,
-                            quality=approx_ssim, seed=approx_seed + i,
+                            quality=approx_ssim, seed=approx_seed + i, check=approx_check,
                         )  # fmt: skip
                         logits_all[i], feature_all[i] = lg_i, ft_i
                         approx_records.append(rec)

@@ -121,6 +121,9 @@ class OcclusionProbe(convlens.Probe):
                         "exactly where the map changes most.", min=0, max=1),
         convlens.Option("approx_ssim", float, 0.9, "--approx: target SSIM; a map below it is "
                         "reported as missing it.", min=0, max=1),
+        convlens.Option("approx_check", float, 0.15, "--approx: share of positions in the "
+                        "random 7x7 blocks computed exactly to measure the SSIM.", min=0.01,
+                        max=1),
     )  # fmt: skip
 
     # -- run ------------------------------------------------------------------------------------
@@ -143,6 +146,7 @@ class OcclusionProbe(convlens.Probe):
                 full_above=opts["full_above"], threads=opts["threads"], progress=advance,
                 approx=bool(opts["approx"]), approx_coarse=opts["approx_coarse"],
                 approx_drill=opts["approx_drill"], approx_ssim=opts["approx_ssim"],
+                approx_check=opts["approx_check"],
                 approx_seed=ctx.seed,
             )  # fmt: skip
         names = class_names(ctx.model, res.num_classes)

@@ -576,6 +576,7 @@ def flop_analysis(
     stride: int | None = None,
     layer: str | None = None,
     full_above: float = 0.7,
+    group_positions: int = 4,
 ) -> dict[str, Any]:
     """Krypton's theoretical bound and the incremental plan's multiply-adds for ``model`` on
     the image ``x`` (``[1, C, H, W]``) without running the sweep (``_flops.py``); the same
@@ -594,8 +595,8 @@ def flop_analysis(
         ref = resolve_layer(model, layer)
         engine, _, _ = entry.engine(model, ref.name, ref.call or 0, full_above, True)
         cache = engine.cache(x[:1])
-        plan = engine.plan(cache, _input_geom(grid, x.device))
-        return flop_report(engine, cache, plan, grid.boxes()).to_dict()
+        flops, _ = _plan_groups(engine, cache, grid, x.device, group_positions, [])
+        return flops
 
 
 def _incremental_batch(plan, cache, positions: int) -> int:

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= convlens-out
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean bench-gpu
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
+
+# Every GPU measurement of issue #16 in one go (< 8 min on one H100/H200); writes
+# docs/benchmarks-gpu.md with the device name. Without CUDA it says so and writes nothing.
+bench-gpu: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/gpu.py
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

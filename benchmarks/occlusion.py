@@ -74,10 +74,12 @@ def bench(
     ppe: int,
     method: str,
     with_batched: bool = False,
+    with_approx: bool = False,
+    device: str = "cpu",
 ) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = create_model(name)
+        model = create_model(name).to(device)
     pre = Preprocess.for_model(model)
     if size is not None:
         pre = Preprocess(
@@ -88,6 +90,7 @@ def bench(
             interpolation=pre.interpolation,
         )
     x, _ = load_batch([sample("coffee").path], pre)
+    x = x.to(device)
     h = x.shape[-1]
     window = window or max(1, round(32 * h / 224))
     stride = stride or max(1, round(8 * h / 224))
@@ -95,7 +98,8 @@ def bench(
         logits = model(x)
     target = int(logits.argmax(1))
     p_orig = float(logits.double().softmax(1)[0, target])
-    t_ours, t_captum, t_batched = [], [], []
+    t_ours, t_captum, t_batched, t_approx = [], [], [], []
+    approx = None
     ours = attr = None
     for _ in range(repeats):
         if with_batched:  # convlens without incremental inference: what layout alone gives
@@ -103,6 +107,13 @@ def bench(
             occlusion_maps(model, x, window=window, stride=stride, fill=0.0, target=target,
                            method="batched")  # fmt: skip
             t_batched.append(time.perf_counter() - t)
+        if with_approx:  # adaptive drill-down, its SSIM checked below against the exact map
+            t = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                approx = occlusion_maps(model, x, window=window, stride=stride, fill=0.0,
+                                        target=target, approx=True)  # fmt: skip
+            t_approx.append(time.perf_counter() - t)
         t = time.perf_counter()
         ours = occlusion_maps(
             model, x, window=window, stride=stride, fill=0.0, target=target, method=method
@@ -111,13 +122,25 @@ def bench(
         t = time.perf_counter()
         with torch.no_grad():
             attr = captum_map(model, x, window, stride, target, ppe)
+            if x.is_cuda:
+                torch.cuda.synchronize()
         t_captum.append(time.perf_counter() - t)
     rebuilt = attribution_from_map(ours, p_orig)
-    ref = attr[0, 0].double().numpy()  # the same on all three channels
+    ref = attr[0, 0].double().cpu().numpy()  # the same on all three channels
     diff = float(np.abs(rebuilt - ref).max())
     err = diff / max(np.abs(ref).max(), 1e-30)  # relative to the largest attribution
     err_p = diff / p_orig  # in units of the unoccluded probability
     patch = [r["node"] for r in ours.path["layers"] if r["mode"] == "patch"]
+    approx_ssim = approx_check = None
+    if approx is not None:
+        from skimage.metrics import structural_similarity
+
+        ex = ours.prob_target[0].astype(np.float64)
+        approx_ssim = float(structural_similarity(
+            approx.prob_target[0].astype(np.float64), ex, win_size=7,
+            data_range=float(ex.max() - ex.min()) or 1.0,
+        ))  # fmt: skip
+        approx_check = approx.path["approx"]["per_image"][0]["check"]["ssim"]
     return {
         "model": name,
         "input": h,
@@ -133,6 +156,77 @@ def bench(
         "max_attr": float(np.abs(ref).max()),
         "path": ours.path["method"],
         "patch_layers": patch,
+        "flops": ours.path.get("flops"),
+        "approx_s": min(t_approx) if t_approx else None,
+        "approx_ssim": approx_ssim,
+        "approx_check_ssim": approx_check,
+    }
+
+
+_STARTUP = """
+import time, warnings
+t0 = time.perf_counter()
+import convlens.cli  # noqa: F401  (what `python -m convlens` imports)
+from convlens.plugins import get_host
+from convlens.runner import load_model
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    host = get_host()
+    load_model({model!r}, host=host)
+"""
+
+
+def cli_bench(name: str, window: int, stride: int, target: int, ppe: int, repeats: int) -> dict:
+    """The CLI comparison of issue #16: ``convlens probe occlusion`` as a subprocess (wall clock,
+    minus its start-up: interpreter, imports, plugin host and model creation, measured by a
+    subprocess that does only that) against Captum's ``Occlusion.attribute`` in this process, on
+    the same image (the bundled coffee photo), square, stride and target."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from convlens.data import sample
+
+    env = dict(os.environ, CONVLENS_NO_PROGRESS="1", PYTHONWARNINGS="ignore")
+    image = str(sample("coffee").path)
+    cmd = [sys.executable, "-m", "convlens", "probe", "occlusion", "--model", name, "--images",
+           image, "--window", str(window), "--stride", str(stride), "--target", str(target)]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = create_model(name)
+    x, _ = load_batch([sample("coffee").path], Preprocess.for_model(model))
+    t_cli, t_start, t_captum, phases = [], [], [], {}
+    for _ in range(repeats):  # alternate, keep the best of each
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", _STARTUP.format(model=name)], env=env, check=True)
+        t_start.append(time.perf_counter() - t)
+        with tempfile.TemporaryDirectory() as out:
+            t = time.perf_counter()
+            subprocess.run([*cmd, "--out", out], env=env, check=True, stdout=subprocess.DEVNULL)
+            t_cli.append(time.perf_counter() - t)
+            with open(os.path.join(out, "occlusion", "occlusion.json"), encoding="utf-8") as fh:
+                meta = json.load(fh)
+            if t_cli[-1] == min(t_cli):
+                phases = meta["phases"]
+        t = time.perf_counter()
+        with torch.no_grad():
+            captum_map(model, x, window, stride, target, ppe)
+        t_captum.append(time.perf_counter() - t)
+    work = min(t_cli) - min(t_start)
+    return {
+        "model": name,
+        "window": window,
+        "stride": stride,
+        "positions": meta["grid"]["rows"] * meta["grid"]["cols"],
+        "cli_s": min(t_cli),
+        "startup_s": min(t_start),
+        "cli_work_s": work,
+        "captum_s": min(t_captum),
+        "ratio": min(t_captum) / work,
+        "phases": phases,
+        "path": meta["path"]["method"],
     }
 
 
@@ -155,9 +249,32 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time convlens without incremental inference (method=batched)",
     )
+    ap.add_argument(
+        "--cli",
+        default=None,
+        metavar="MODEL",
+        help="instead: the CLI comparison (convlens probe occlusion as a subprocess, start-up "
+        "subtracted, vs Captum) on MODEL, at --stride (default 16) and --target (default 7)",
+    )
+    ap.add_argument("--target", type=int, default=None, help="class (--cli: default 7)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (model and image)")
+    ap.add_argument(
+        "--with-approx", action="store_true", help="also time --approx and its SSIM vs exact"
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cli:
+        r = cli_bench(args.cli, args.window or 32, args.stride or 16,
+                      7 if args.target is None else args.target, args.ppe, args.repeats)  # fmt: skip
+        print(
+            f"CLI {r['model']} window {r['window']} stride {r['stride']} ({r['positions']} "
+            f"positions), {r['path']}: CLI {r['cli_s']:.2f} s - start-up {r['startup_s']:.2f} s "
+            f"= {r['cli_work_s']:.2f} s; Captum (perturbations_per_eval={args.ppe}) "
+            f"{r['captum_s']:.2f} s; Captum / CLI {r['ratio']:.2f}x"
+        )
+        print("phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items()))
+        return 0
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"Captum Occlusion perturbations_per_eval={args.ppe}",
@@ -179,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             args.ppe,
             args.method,
             args.with_batched,
+            args.with_approx,
+            args.device,
         )
         rows.append(r)
         print(
@@ -188,6 +307,29 @@ def main(argv: list[str] | None = None) -> int:
             f"  {r['path']} ({len(r['patch_layers'])} patch layers)",
             flush=True,
         )
+        f = r["flops"]
+        if f:
+            print(
+                f"{'':<20}MACs on patches {100 * f['patch_share']:.1f}%; bound (exact changed "
+                f"units) {f['bound']:.2f}x, Krypton's equation {f['bound_krypton']:.2f}x, "
+                f"executor's plan {f['planned']:.2f}x",
+                flush=True,
+            )
+        if r["batched_s"] is not None and f:
+            speedup = r["batched_s"] / r["convlens_s"]
+            print(
+                f"{'':<20}incremental over batched {speedup:.2f}x = "
+                f"{100 * speedup / f['bound']:.0f}% of the bound "
+                f"({100 * speedup / f['bound_krypton']:.0f}% of Krypton's equation)",
+                flush=True,
+            )
+        if r["approx_s"] is not None:
+            print(
+                f"{'':<20}approximate (--approx): {r['approx_s']:.2f} s, Captum/approx "
+                f"{r['captum_s'] / r['approx_s']:.2f}x; SSIM of the whole map vs exact "
+                f"{r['approx_ssim']:.3f} (its own check block: {r['approx_check_ssim']})",
+                flush=True,
+            )
         if r["batched_s"] is not None:
             print(
                 f"{'':<20}convlens batched (no incremental): {r['batched_s']:.2f} s, "

@@ -10,17 +10,26 @@
 
 import convlens
 
-from ._compute import METHODS, OcclusionFallbackWarning, OcclusionMaps, occlusion_maps
+from ._compute import (
+    METHODS,
+    OcclusionApproxWarning,
+    OcclusionFallbackWarning,
+    OcclusionMaps,
+    flop_analysis,
+    occlusion_maps,
+)
 from ._grid import OcclusionGrid, default_window, paint
 from ._incremental import IncrementalOcclusion, UnsupportedModel
 from ._probe import POSITION_BUDGET, OcclusionProbe, auto_stride, class_names, parse_fill
 
 __all__ = [
     "occlusion_maps",
+    "flop_analysis",
     "OcclusionMaps",
     "OcclusionGrid",
     "OcclusionProbe",
     "OcclusionFallbackWarning",
+    "OcclusionApproxWarning",
     "IncrementalOcclusion",
     "UnsupportedModel",
     "METHODS",

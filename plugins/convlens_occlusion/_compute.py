@@ -25,10 +25,20 @@ from torch import nn
 from convlens.engine import record, resolve_layer, top_conv_layer, trace_model
 from convlens.errors import ConvlensError
 
+from ._approx import SubGrid, approximate_image
+from ._cache import entry_for
+from ._flops import flop_report
 from ._grid import OcclusionGrid, default_window, fill_tensor, paint
 from ._incremental import Geom, IncrementalOcclusion, UnsupportedModel
 
-__all__ = ["OcclusionMaps", "occlusion_maps", "METHODS", "OcclusionFallbackWarning"]
+__all__ = [
+    "OcclusionMaps",
+    "occlusion_maps",
+    "flop_analysis",
+    "METHODS",
+    "OcclusionFallbackWarning",
+    "OcclusionApproxWarning",
+]
 
 METHODS = ("auto", "incremental", "batched")
 #: Memory the positions of one batch may use (activations), to size batches automatically.
@@ -41,6 +51,10 @@ MAX_BATCH = 256
 
 class OcclusionFallbackWarning(UserWarning):
     """``method="auto"`` could not take the incremental path and used batched forwards."""
+
+
+class OcclusionApproxWarning(UserWarning):
+    """An approximate map (``approx=True``) missed its target SSIM on the exact check block."""
 
 
 @dataclass
@@ -75,6 +89,31 @@ class OcclusionMaps:
     path: dict[str, Any] = field(default_factory=dict)
     logits: np.ndarray | None = None
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+class _Phases:
+    """Wall-clock seconds of each phase of a call (``default_layer``, ``trace``, ``validate``,
+    ``unoccluded``, ``sweep``; ``other`` is the rest of ``total``), and which fixed costs came
+    from the per-model cache (``cached``)."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self.cached: dict[str, bool] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+    def seconds(self, total: float) -> dict[str, float]:
+        out = {k: round(v, 4) for k, v in self.times.items()}
+        out["other"] = round(max(0.0, total - sum(self.times.values())), 4)
+        out["total"] = round(total, 4)
+        return out
 
 
 class _ThreadTuner:
@@ -84,14 +123,20 @@ class _ThreadTuner:
     thread, and torch's count again; the faster of the last two sets the rest. Values do not
     depend on the choice beyond float rounding."""
 
-    def __init__(self, threads: int | None, device: torch.device) -> None:
+    def __init__(
+        self, threads: int | None, device: torch.device, earlier: dict[str, Any] | None = None
+    ) -> None:
         self.initial = torch.get_num_threads()
         self.choice = int(threads) if threads else self.initial
-        self.schedule = (
-            [self.initial, 1, self.initial]
-            if threads is None and device.type == "cpu" and self.initial > 1
-            else []
-        )
+        tune = threads is None and device.type == "cpu" and self.initial > 1
+        # an earlier call's choice for this model and input size (``_cache.py``), made with
+        # the same starting thread count
+        self.cached = bool(tune and earlier and earlier.get("initial") == self.initial)
+        if self.cached:
+            self.choice = int(earlier["threads"])
+            tune = False
+        self.schedule = [self.initial, 1, self.initial] if tune else []
+        self.tuned = tune
         self.times: dict[int, float] = {}
 
     @contextlib.contextmanager
@@ -113,10 +158,15 @@ class _ThreadTuner:
         torch.set_num_threads(self.initial)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "threads": self.choice,
             "tuned_seconds_per_position": {str(k): round(v, 5) for k, v in self.times.items()},
         }
+        if self.tuned:
+            out["initial"] = self.initial
+        if self.cached:
+            out["cached"] = True
+        return out
 
 
 def _as_int_list(value: int | Sequence[int] | None, n: int, what: str) -> list[int] | None:
@@ -152,6 +202,13 @@ def occlusion_maps(
     threads: int | None = None,
     return_logits: bool = False,
     progress: Callable[[int], None] | None = None,
+    approx: bool = False,
+    approx_coarse: int = 2,
+    approx_drill: float = 0.25,
+    approx_ssim: float = 0.9,
+    approx_seed: int = 0,
+    approx_check: float = 0.15,
+    group_positions: int = 4,
 ) -> OcclusionMaps:
     """Slide a square over every image of ``inputs`` (``[N, 3, H, W]``, model input space) and
     record the classifier's and one feature map's response at each position (Section 4.2, Fig. 7).
@@ -169,11 +226,26 @@ def occlusion_maps(
     eval-mode BatchNorm into the convolution that alone feeds it (one pass instead of two; equal
     to float rounding). ``threads``: intra-op threads during the sweep (default: torch's
     setting or one thread, whichever runs the first batches faster; see ``path["threads"]``).
+    ``group_positions``: the incremental path sweeps positions in up to this many groups per
+    axis, by the size of the box they change in each layer (border positions and those aligned
+    with a stride change less), each group with patches of its own largest box (1: one patch
+    size for all positions).
+    ``approx``: Krypton's adaptive drill-down (``_approx.py``): exact values on every
+    ``approx_coarse``-th row and column of positions, interpolation between them, exact values
+    again where the target's probability changes most (``approx_drill`` of the positions), and
+    the SSIM of the predicted map against exact values on random 7 × 7 blocks of positions
+    (``approx_seed``; about ``approx_check`` of the positions; the worst block counts), checked against ``approx_ssim`` (``path["approx"]``; a miss warns with
+    :class:`OcclusionApproxWarning`).
     """
     if method not in METHODS:
         raise ConvlensError(f"occlusion method {method!r}: choose one of {', '.join(METHODS)}")
     if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
         raise ConvlensError("occlusion inputs: expected a [N, C, H, W] tensor")
+    if approx and (approx_coarse < 2 or not 0.0 <= approx_drill <= 1.0
+                   or not 0.0 < approx_ssim <= 1.0):  # fmt: skip
+        raise ConvlensError(
+            "occlusion approx: coarse must be at least 2, drill in [0, 1], ssim in (0, 1]"
+        )
     if batch_size is not None and batch_size < 1:
         raise ConvlensError(f"occlusion batch_size {batch_size}: must be at least 1")
     if model.training:
@@ -193,103 +265,184 @@ def occlusion_maps(
     )  # fmt: skip
     fill_t = fill_tensor(fill, x[0])
     advance = progress or (lambda k=1: None)
+    phases = _Phases()
+    targets_given = _as_int_list(target, n_img, "target")
+    channels_given = _as_int_list(channel, n_img, "channel")
 
     with torch.inference_mode():
-        layer_name = layer or _default_layer(model, x[:1])
-        ref = resolve_layer(model, layer_name)
-        outs, acts = [], []
-        with record(
-            model, [layer_name], switches=False, trace=False, functional=ref.is_function
-        ) as rec:
-            for start in range(0, n_img, 16):
-                out = model(x[start : start + 16])
-                if not isinstance(out, torch.Tensor) or out.dim() != 2:
-                    raise ConvlensError(
-                        f"{type(model).__name__}: output is not a [N, classes] tensor of logits"
-                    )
-                outs.append(out)
-                acts.append(rec[layer_name])
-        logits0, act0 = torch.cat(outs), torch.cat(acts)
-        if act0.dim() != 4:
-            raise ConvlensError(
-                f"layer {layer_name!r}: output shape {tuple(act0.shape)} is not a feature map "
-                "[N, C, H, W]"
-            )
-        num_classes = logits0.shape[1]
-        targets = _as_int_list(target, n_img, "target")
-        target_source = "given" if targets is not None else "top-1 of the unoccluded image"
-        if targets is None:
-            targets = logits0.argmax(1).tolist()
-        for t in targets:
-            if not 0 <= t < num_classes:
-                raise ConvlensError(f"occlusion target {t}: the model has {num_classes} classes")
-        channels = _as_int_list(channel, n_img, "channel")
-        channel_source = "given" if channels is not None else "strongest activation"
-        if channels is None:
-            channels = act0.flatten(2).amax(2).argmax(1).tolist()
-        for c in channels:
-            if not 0 <= c < act0.shape[1]:
-                raise ConvlensError(
-                    f"occlusion channel {c}: layer {layer_name!r} has {act0.shape[1]} channels"
-                )
-        probs0 = logits0.double().softmax(1)
-        max_numel: int | None = None
+        entry, _ = entry_for(model, x)
+        with phases("default_layer"):
+            if layer:
+                layer_name = layer
+            else:
+                phases.cached["default_layer"] = entry.default_layer is not None
+                if entry.default_layer is None:
+                    entry.default_layer = _default_layer(model, x[:1])
+                layer_name = entry.default_layer
+            ref = resolve_layer(model, layer_name)
 
         engine: IncrementalOcclusion | None = None
         reason: str | None = None
+        first_cache = None
         if method != "batched":
-            try:
-                engine = IncrementalOcclusion(
-                    model, ref.name, ref.call or 0, full_above, fold_batchnorm
-                )
-            except UnsupportedModel as exc:
-                if method == "incremental":
-                    raise
-                reason = str(exc)
+            with phases("trace"):
+                try:
+                    engine, ekey, phases.cached["trace"] = entry.engine(
+                        model, ref.name, ref.call or 0, full_above, fold_batchnorm
+                    )
+                except UnsupportedModel as exc:
+                    if method == "incremental":
+                        raise
+                    reason = str(exc)
+            if engine is not None:
+                phases.cached["validate"] = ekey in entry.validated
+            if engine is not None and ekey not in entry.validated:
+                # once per model and input size: the graph must reproduce the eager model (its
+                # unoccluded pass of the first image is kept as that image's cache)
+                with phases("validate"):
+                    try:
+                        logits_e, act_e = _eager_pass(model, x[:1], layer_name, ref)
+                        first_cache = engine.cache(x[:1])
+                        _validate(engine, first_cache, logits_e, act_e, layer_name)
+                        entry.validated.add(ekey)
+                    except UnsupportedModel as exc:
+                        entry.reject(ekey, exc)
+                        if method == "incremental":
+                            raise
+                        reason = str(exc)
+                        engine, first_cache = None, None
+
+        eager_logits = eager_act = None
+        if engine is None:
+            with phases("unoccluded"):
+                eager_logits, eager_act = _eager_pass(model, x, layer_name, ref)
+            if batch_size is None and entry.max_numel is None:
+                with phases("default_layer"):
+                    entry.max_numel = _max_activation_numel(model, x[:1])
 
         positions = len(grid)
-        logits_all = torch.empty((n_img, positions, num_classes), dtype=torch.float32)
+        flops: dict[str, Any] | None = None
+        groups: list[np.ndarray] | None = None
+        approx_records: list[dict[str, Any]] = []
+        num_classes: int | None = None
+        logits_all: torch.Tensor | None = None
         feature_all = torch.empty((n_img, positions), dtype=torch.float64)
+        logits0_rows: list[torch.Tensor] = []
+        feature_orig: list[float] = []
+        targets: list[int] = []
+        channels: list[int] = []
         per_image: list[str] = []
         layout: list[str] = []
         layers_report: list[dict] = []
         batches: list[int] = []
-        tuners = {m: _ThreadTuner(threads, device) for m in ("incremental", "batched")}
+        tuners = {
+            m: _ThreadTuner(threads, device, entry.threads.get(m))
+            for m in ("incremental", "batched")
+        }
         try:
             for i in range(n_img):
-                image_engine = engine
                 cache = None
-                if image_engine is not None:
-                    try:
-                        cache = image_engine.cache(x[i : i + 1])
-                        _validate(image_engine, cache, logits0[i : i + 1], act0[i : i + 1],
-                                  layer_name)  # fmt: skip
-                    except UnsupportedModel as exc:
-                        if method == "incremental":
-                            raise
-                        reason = str(exc)
-                        engine = image_engine = None
-                if image_engine is not None and cache is not None:
-                    b = _sweep_incremental(
-                        image_engine, cache, x[i], grid, fill_t, channels[i], batch_size,
-                        logits_all[i], feature_all[i], advance, layers_report,
-                        tuners["incremental"],
-                    )  # fmt: skip
-                    per_image.append("incremental")
+                if engine is not None:
+                    with phases("unoccluded"):
+                        cache = first_cache if i == 0 and first_cache is not None else None
+                        cache = cache or engine.cache(x[i : i + 1])
+                    lg0 = cache.values[engine.output_node]
+                    ac0 = cache.values[engine.feature_node]
                 else:
-                    if batch_size is None and max_numel is None:
-                        max_numel = _max_activation_numel(model, x[:1])
-                    b = batch_size or _auto_batch(max_numel, positions)
-                    _sweep_batched(
-                        model, x[i], grid, fill_t, layer_name, ref.is_function, channels[i], b,
-                        logits_all[i], feature_all[i], advance, layout, tuners["batched"],
-                    )  # fmt: skip
-                    per_image.append("batched")
+                    lg0, ac0 = eager_logits[i : i + 1], eager_act[i : i + 1]
+                if num_classes is None:
+                    num_classes = int(lg0.shape[1])
+                    logits_all = torch.empty((n_img, positions, num_classes), dtype=torch.float32)
+                t_i = targets_given[i] if targets_given is not None else int(lg0.argmax(1))
+                if not 0 <= t_i < num_classes:
+                    raise ConvlensError(
+                        f"occlusion target {t_i}: the model has {num_classes} classes"
+                    )
+                if channels_given is not None:
+                    c_i = channels_given[i]
+                else:
+                    c_i = int(ac0.flatten(2).amax(2).argmax(1))
+                if not 0 <= c_i < ac0.shape[1]:
+                    raise ConvlensError(
+                        f"occlusion channel {c_i}: layer {layer_name!r} has {ac0.shape[1]} channels"
+                    )
+                targets.append(t_i)
+                channels.append(c_i)
+                logits0_rows.append(lg0.float().cpu())
+                feature_orig.append(float(ac0[0, c_i].double().sum()))
+                if groups is None and engine is not None and cache is not None:
+                    with phases("plan"):
+                        flops, groups = _plan_groups(
+                            engine, cache, grid, x.device, group_positions, layers_report
+                        )
+
+                per_batch: list[int] = [0]
+
+                def exact(
+                    index, i=i, c_i=c_i, cache=cache, lg_out=None, ft_out=None,
+                    num_classes=num_classes, per_batch=per_batch, groups=groups,
+                ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                    sub = grid if index is None else SubGrid(grid, index)
+                    n = len(sub)
+                    lg_out = torch.empty((n, num_classes)) if lg_out is None else lg_out
+                    ft_out = torch.empty(n, dtype=torch.float64) if ft_out is None else ft_out
+                    if index is None and groups and len(groups) > 1:
+                        for g in groups:  # positions whose changed boxes have similar sizes
+                            lg_g, ft_g = exact(g, i=i, c_i=c_i, cache=cache)
+                            gi = torch.as_tensor(g)
+                            lg_out[gi], ft_out[gi] = lg_g, ft_g
+                        return lg_out, ft_out
+                    if engine is not None and cache is not None:
+                        bs = _sweep_incremental(
+                            engine, cache, x[i], sub, fill_t, c_i, batch_size, lg_out, ft_out,
+                            advance, layers_report, tuners["incremental"],
+                        )  # fmt: skip
+                        per_batch[:] = [bs]
+                    else:
+                        bs = batch_size or _auto_batch(entry.max_numel or 1, n)
+                        _sweep_batched(
+                            model, x[i], sub, fill_t, layer_name, ref.is_function, c_i, bs,
+                            lg_out, ft_out, advance, layout, tuners["batched"],
+                        )  # fmt: skip
+                        per_batch[:] = [bs]
+                    return lg_out, ft_out
+
+                with phases("sweep"):
+                    if approx:
+                        lg_i, ft_i, rec = approximate_image(
+                            grid, exact, t_i, coarse=approx_coarse, drill=approx_drill,
+                            quality=approx_ssim, seed=approx_seed + i, check=approx_check,
+                        )  # fmt: skip
+                        logits_all[i], feature_all[i] = lg_i, ft_i
+                        approx_records.append(rec)
+                    else:
+                        exact(None, lg_out=logits_all[i], ft_out=feature_all[i])
+                per_image.append("incremental" if engine is not None else "batched")
+                b = per_batch[0]
+                del cache
                 batches.append(b)
         finally:
             for tuner in tuners.values():
                 tuner.restore()
+        for m in set(per_image):
+            if tuners[m].tuned:
+                entry.threads[m] = tuners[m].to_dict()
+        if threads is None and device.type == "cpu":
+            phases.cached["threads"] = all(tuners[m].cached for m in set(per_image))
 
+    approx_path = None
+    if approx:
+        misses = [k for k, r in enumerate(approx_records) if not r["meets_target"]]
+        approx_path = {"meets_target": not misses, "per_image": approx_records}
+        if misses:
+            figs = ", ".join(str(approx_records[k]["check"]["ssim"]) for k in misses)
+            warnings.warn(
+                f"occlusion approx: the approximate map of image(s) {misses} misses the target "
+                f"SSIM {approx_ssim} on its exact check block ({figs}): not a good approximation;"
+                " lower --approx-coarse or raise --approx-drill, or run exact",
+                OcclusionApproxWarning,
+                stacklevel=2,
+            )
     if reason is not None and method == "auto":
         warnings.warn(
             f"occlusion: incremental inference not used ({reason}); ran batched forwards",
@@ -297,12 +450,13 @@ def occlusion_maps(
             stacklevel=2,
         )
     shape = (n_img, grid.rows, grid.cols)
+    logits0 = torch.cat(logits0_rows)
     logits_d = logits_all.double()
     tgt = torch.as_tensor(targets)
     prob = logits_d.softmax(2).gather(2, tgt.view(-1, 1, 1).expand(n_img, positions, 1))[..., 0]
     logit_t = logits_d.gather(2, tgt.view(-1, 1, 1).expand(n_img, positions, 1))[..., 0]
     idx = torch.arange(n_img)
-    act_c = act0[idx, torch.as_tensor(channels)].double().sum((1, 2)).cpu()
+    probs0 = logits0.double().softmax(1)
     methods_run = sorted(set(per_image))
     path = {
         "method": methods_run[0] if len(methods_run) == 1 else "mixed",
@@ -316,6 +470,9 @@ def occlusion_maps(
         "threads": {m: tuners[m].to_dict() for m in sorted(set(per_image))},
         "folded_batchnorms": engine._plan.folded if engine and engine._plan else 0,
         "layers": layers_report,
+        "cached": dict(phases.cached),
+        "flops": flops,
+        "approx": approx_path,
     }
     return OcclusionMaps(
         grid=grid,
@@ -323,22 +480,123 @@ def occlusion_maps(
         layer=layer_name,
         layer_module=ref.key,
         targets=np.asarray(targets, dtype=np.int64),
-        target_source=target_source,
+        target_source="given" if targets_given is not None else "top-1 of the unoccluded image",
         channels=np.asarray(channels, dtype=np.int64),
-        channel_source=channel_source,
+        channel_source="given" if channels_given is not None else "strongest activation",
         prob_target=prob.reshape(shape).float().numpy(),
         logit_target=logit_t.reshape(shape).float().numpy(),
         top_class=logits_all.argmax(2).reshape(shape).numpy().astype(np.int64),
         feature_activity=feature_all.reshape(shape).numpy(),
-        prob_orig=probs0[idx, tgt.to(probs0.device)].cpu().float().numpy(),
-        logit_orig=logits0[idx, tgt.to(logits0.device)].cpu().float().numpy(),
-        top1_orig=logits0.argmax(1).cpu().numpy().astype(np.int64),
-        feature_orig=act_c.numpy(),
+        prob_orig=probs0[idx, tgt].float().numpy(),
+        logit_orig=logits0[idx, tgt].numpy(),
+        top1_orig=logits0.argmax(1).numpy().astype(np.int64),
+        feature_orig=np.asarray(feature_orig, dtype=np.float64),
         num_classes=int(num_classes),
         path=path,
         logits=logits_all.reshape(*shape, num_classes).numpy() if return_logits else None,
         seconds=time.perf_counter() - t0,
+        phases=phases.seconds(time.perf_counter() - t0),
     )
+
+
+def _plan_groups(engine, cache, grid, device, per_axis: int, layers_report: list[dict]):
+    """The multiply-add report (``_flops.py``) and the groups of positions of the sweep.
+
+    Positions whose changed boxes have the same size in every layer can share one patch size
+    without computing more than they change; one patch size for the whole grid (the largest box)
+    makes border positions, and positions aligned with a stride, compute more. The rows of the
+    grid are grouped by the sizes of their boxes' vertical extents in every convolution (which
+    depend on the row alone), merged greedily — the merge that adds the fewest multiply-adds
+    first — down to ``per_axis`` groups; the same for columns; a group of positions is a row
+    group times a column group."""
+    full_plan = engine.plan(cache, _input_geom(grid, device))
+    if not layers_report:
+        layers_report.extend(r.to_dict() for r in full_plan.report)
+    report = flop_report(engine, cache, full_plan, grid.boxes())
+    flops = report.to_dict()
+    rows, cols = grid.shape
+    groups = [np.arange(len(grid))]
+    if per_axis > 1 and report.extents:
+        per = np.array([e[0] for e in report.extents])
+        ey = np.stack([e[1] for e in report.extents], 1).reshape(rows, cols, -1)
+        ex = np.stack([e[2] for e in report.extents], 1).reshape(rows, cols, -1)
+        if (ey == ey[:, :1]).all() and (ex == ex[:1]).all():
+            row_groups = _merge(ey[:, 0], ex[0].max(0), per, per_axis)
+            col_groups = _merge(ex[0], ey[:, 0].max(0), per, per_axis)
+            groups = [
+                (r[:, None] * cols + c[None, :]).reshape(-1) for r in row_groups for c in col_groups
+            ]
+    if len(groups) > 1:
+        executed = 0.0
+        for g in groups:
+            sub = SubGrid(grid, g)
+            plan = engine.plan(cache, _input_geom(sub, device))
+            executed += len(g) * flop_report(engine, cache, plan, sub.boxes()).executed
+        executed /= len(grid)
+        flops["macs_executed"] = round(executed)
+        flops["planned"] = round(report.full / max(executed, 1e-30), 3)
+    flops["groups"] = len(groups)
+    return flops, groups
+
+
+def _merge(sizes: np.ndarray, other: np.ndarray, per: np.ndarray, k: int) -> list[np.ndarray]:
+    """Indices along one axis (``sizes[i]``: the extent of each layer's box at index ``i``)
+    grouped by equal sizes, then merged pairwise (cheapest merge first, a group then computes the
+    larger extent of the two) until ``k`` groups remain. ``other``: the other axis's largest
+    extents, ``per``: multiply-adds per unit, to weigh a merge's cost."""
+    found: dict[tuple, list[int]] = {}
+    for i, s in enumerate(sizes):
+        found.setdefault(tuple(int(v) for v in s), []).append(i)
+    gs = [(np.array(s, dtype=np.float64), idx) for s, idx in found.items()]
+    weight = per * other
+
+    def cost(s, n):
+        return n * float((weight * s).sum())
+
+    while len(gs) > k:
+        best = None
+        for a in range(len(gs)):
+            for b in range(a + 1, len(gs)):
+                (sa, ia), (sb, ib) = gs[a], gs[b]
+                extra = cost(np.maximum(sa, sb), len(ia) + len(ib)) - cost(sa, len(ia))
+                extra -= cost(sb, len(ib))
+                if best is None or extra < best[0]:
+                    best = (extra, a, b)
+        _, a, b = best
+        gs[a] = (np.maximum(gs[a][0], gs[b][0]), gs[a][1] + gs[b][1])
+        del gs[b]
+    return [np.asarray(sorted(idx), dtype=np.int64) for _, idx in gs]
+
+
+def flop_analysis(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    window: int | None = None,
+    stride: int | None = None,
+    layer: str | None = None,
+    full_above: float = 0.7,
+    group_positions: int = 4,
+) -> dict[str, Any]:
+    """Krypton's theoretical bound and the incremental plan's multiply-adds for ``model`` on
+    the image ``x`` (``[1, C, H, W]``) without running the sweep (``_flops.py``); the same
+    numbers :func:`occlusion_maps` writes to ``path["flops"]``."""
+    _, _, height, width = x.shape
+    grid = OcclusionGrid(
+        int(height), int(width),
+        int(window) if window is not None else default_window(min(height, width)),
+        int(stride) if stride is not None else default_window(min(height, width), 8),
+    )  # fmt: skip
+    with torch.inference_mode():
+        entry, _ = entry_for(model, x)
+        if layer is None:
+            entry.default_layer = entry.default_layer or _default_layer(model, x[:1])
+            layer = entry.default_layer
+        ref = resolve_layer(model, layer)
+        engine, _, _ = entry.engine(model, ref.name, ref.call or 0, full_above, True)
+        cache = engine.cache(x[:1])
+        flops, _ = _plan_groups(engine, cache, grid, x.device, group_positions, [])
+        return flops
 
 
 def _incremental_batch(plan, cache, positions: int) -> int:
@@ -376,6 +634,29 @@ def _max_activation_numel(model: nn.Module, x1: torch.Tensor) -> int:
     from the engine's trace of one forward pass."""
     shapes = [tuple(x1.shape)] + [c.output_shape for c in trace_model(model, x1).trace]
     return max(int(np.prod(s[1:])) for s in shapes if s)
+
+
+def _eager_pass(model: nn.Module, x: torch.Tensor, layer_name: str, ref) -> tuple:
+    """Logits and the layer's activation of the eager model, 16 images at a time."""
+    outs, acts = [], []
+    with record(
+        model, [layer_name], switches=False, trace=False, functional=ref.is_function
+    ) as rec:
+        for start in range(0, x.shape[0], 16):
+            out = model(x[start : start + 16])
+            if not isinstance(out, torch.Tensor) or out.dim() != 2:
+                raise ConvlensError(
+                    f"{type(model).__name__}: output is not a [N, classes] tensor of logits"
+                )
+            outs.append(out)
+            acts.append(rec[layer_name])
+    logits, act = torch.cat(outs), torch.cat(acts)
+    if act.dim() != 4:
+        raise ConvlensError(
+            f"layer {layer_name!r}: output shape {tuple(act.shape)} is not a feature map "
+            "[N, C, H, W]"
+        )
+    return logits, act
 
 
 def _validate(engine: IncrementalOcclusion, cache, logits0, act0, layer_name: str) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +47,10 @@ from torch import nn
 from convlens.errors import ConvlensError
 
 __all__ = ["IncrementalOcclusion", "UnsupportedModel", "trace_graph"]
+
+
+#: Plans kept per engine (one per group of positions and grid; see ``_compute._groups``).
+PLANS_KEPT = 64
 
 
 class UnsupportedModel(ConvlensError):
@@ -420,6 +425,7 @@ class Geom:
     ox: torch.Tensor
     H: int
     W: int
+    nhwc: bool = False  # the map is channels-last in its shape, ``[N, H, W, C]`` (ConvNeXt)
 
     @property
     def fraction(self) -> float:
@@ -471,6 +477,7 @@ class _Patch:
     oy: torch.Tensor
     ox: torch.Tensor
     base: torch.Tensor
+    nhwc: bool = False  # ``base`` is ``[1, H, W, C]`` and ``data`` ``[B, h, w, C]``
 
 
 @dataclass
@@ -558,14 +565,16 @@ class IncrementalOcclusion:
         feature_call: int = 0,
         full_above: float = 0.7,
         fold_batchnorm: bool = True,
+        traced: tuple[fx.Graph, list[str]] | None = None,
     ) -> None:
         if not 0.0 <= full_above <= 1.0:
             raise ConvlensError(f"full_above {full_above!r}: must lie in [0, 1]")
-        self.model = model
+        # held weakly: engines are cached per model (``_cache.py``) and must not keep it alive
+        self._model_ref = weakref.ref(model)
         self.full_above = float(full_above)
         self.fold_batchnorm = bool(fold_batchnorm)
-        self.graph, self.opaque = trace_graph(model)
-        self.modules = dict(model.named_modules())
+        self.graph, self.opaque = traced if traced is not None else trace_graph(model)
+        self.modules = {k: m for k, m in model.named_modules() if k}
         self.nodes = list(self.graph.nodes)
         self.input_node = next(n for n in self.nodes if n.op == "placeholder")
         self.output_node = next(n for n in self.nodes if n.op == "output")
@@ -577,9 +586,14 @@ class IncrementalOcclusion:
                 self.feature_node = self._find_module_node(feature_layer, feature_call)
         self._dep = self._dependencies()
         self._last_use = self._last_uses()
-        self._plan: _Plan | None = None
-        self._plan_key: Any = None
+        self._plan: _Plan | None = None  # the latest plan
+        self._plans: OrderedDict[Any, _Plan] = OrderedDict()  # by geometry, the latest last
+        self._fold_cache: dict[fx.Node, _Folded] | None = None
         self._checked_inplace = False
+
+    @property
+    def model(self) -> nn.Module | None:
+        return self._model_ref()
 
     # -- graph analysis -------------------------------------------------------------------------
 
@@ -650,6 +664,8 @@ class IncrementalOcclusion:
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         if node.op == "get_attr":
             obj: Any = self.model
+            if obj is None:  # pragma: no cover - the model is gone
+                raise UnsupportedModel("the model of this graph no longer exists")
             for part in str(node.target).split("."):
                 obj = getattr(obj, part)
             return obj
@@ -727,7 +743,9 @@ class IncrementalOcclusion:
             tuple(geom_in.oy.tolist()),
             tuple(geom_in.ox.tolist()),
         )
-        if self._plan is not None and self._plan_key == key:
+        if key in self._plans:
+            self._plans.move_to_end(key)
+            self._plan = self._plans[key]
             return self._plan
         plan = _Plan()
         cached = image.values
@@ -741,7 +759,9 @@ class IncrementalOcclusion:
                 else a
             )
 
-        folds = self._folds(cached, const) if self.fold_batchnorm else {}
+        if self._fold_cache is None:  # depends on the weights only: shared by all plans
+            self._fold_cache = self._folds(cached, const) if self.fold_batchnorm else {}
+        folds = self._fold_cache
         aliases = {f.bn: conv for conv, f in folds.items()}
         plan.folded = len(folds)
         for n in self.nodes:
@@ -815,7 +835,9 @@ class IncrementalOcclusion:
                     plan.report.append(
                         NodeReport(_node_label(n), action[0], "full", 1.0, tuple(value.shape))
                     )
-        self._plan, self._plan_key = plan, key
+        self._plan = self._plans[key] = plan
+        while len(self._plans) > PLANS_KEPT:
+            self._plans.popitem(last=False)
         return plan
 
     def _folds(self, cached, const) -> dict[fx.Node, _Folded]:
@@ -858,9 +880,23 @@ class IncrementalOcclusion:
         value = cached[n]
         if _is_shape_query(n):  # answered from a meta tensor of the full batch shape
             return ("meta", None), None
+        concat = self._plan_cat(n, kind, value, thr)
+        if concat is not None:
+            return concat
         if not (isinstance(value, torch.Tensor) and value.dim() == 4 and first_is_patch):
             return ("run", None), None
         g_in: Geom = kind[first]
+        dims = _permute_dims(n)
+        if dims is not None and others_const:  # NCHW <-> NHWC (ConvNeXt's blocks)
+            to_nhwc, to_nchw = dims == (0, 2, 3, 1), dims == (0, 3, 1, 2)
+            if (to_nhwc and not g_in.nhwc) or (to_nchw and g_in.nhwc):
+                g = Geom(g_in.h, g_in.w, g_in.oy, g_in.ox, g_in.H, g_in.W, to_nhwc)
+                return ("permute", dims), g
+            return ("run", None), None
+        if g_in.nhwc:  # channels last in the shape: only ops over the channel axis stay per pixel
+            if others_const and self._pointwise_nhwc(n, module, const, cached, others, value):
+                return ("pointwise", None), g_in
+            return ("run", None), None
         base_in = cached[first]
         # convolution and pooling windows
         if others_const and (module is not None or n.op == "call_function"):
@@ -911,6 +947,52 @@ class IncrementalOcclusion:
                     return ("run", None), None
                 return ("union", None), g
         return ("run", None), None
+
+    def _pointwise_nhwc(self, n, module, const, cached, others, value) -> bool:
+        """Per pixel on a ``[N, H, W, C]`` map: LayerNorm and ``Linear`` over the last axis,
+        activations, dropout at eval, and element-wise ops with per-channel constants."""
+        if isinstance(module, nn.Linear) or (n.op == "call_function" and n.target is F.linear):
+            return True
+        if isinstance(module, nn.LayerNorm) or (
+            n.op == "call_function" and n.target is F.layer_norm
+        ):
+            shape = module.normalized_shape if module is not None else const(n.args[1])
+            return tuple(shape) == (value.shape[-1],)
+        if module is not None and (
+            isinstance(module, nn.BatchNorm2d) or isinstance(module, nn.LocalResponseNorm)
+        ):
+            return False
+        if n.op == "call_function" and n.target in (F.batch_norm, F.local_response_norm):
+            return False
+        if any(isinstance(cached.get(a), torch.Tensor) and cached[a].dim() > 1 for a in others):
+            return False  # only scalars or [C] vectors broadcast over the channel axis
+        return self._pointwise(n, module, const, cached, others)
+
+    @staticmethod
+    def _plan_cat(n: fx.Node, kind, value, thr):
+        """``torch.cat`` of changed maps along channels (DenseNet's dense blocks): the output
+        changes in the union of the inputs' boxes; each input is re-cut to it."""
+        if not (n.op == "call_function" and n.target is torch.cat):
+            return None
+        if not (isinstance(value, torch.Tensor) and value.dim() == 4):
+            return None
+        items = n.args[0] if n.args else n.kwargs.get("tensors")
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+        if not isinstance(items, (list, tuple)) or not isinstance(dim, int) or dim % 4 != 1:
+            return None
+        if not all(isinstance(a, fx.Node) and isinstance(kind.get(a), Geom) for a in items):
+            return ("run", None), None
+        g = kind[items[0]]
+        for a in items[1:]:
+            h = kind[a]
+            if (h.H, h.W) != (g.H, g.W):
+                return ("run", None), None
+            oy, hh = _union_axis(g.oy, g.h, h.oy, h.h, g.H)
+            ox, ww = _union_axis(g.ox, g.w, h.ox, h.w, g.W)
+            g = Geom(hh, ww, oy, ox, g.H, g.W)
+        if g.fraction > thr:
+            return ("run", None), None
+        return ("cat", tuple(items)), g
 
     @staticmethod
     def _pads(win: _Window, in_hw, out_hw) -> tuple[int, int, int, int] | None:
@@ -1056,13 +1138,21 @@ class IncrementalOcclusion:
 
                 args = (src.data,) + tuple(fx.node.map_arg(n.args[1:], same_or_full))
                 kwargs = fx.node.map_arg(n.kwargs, same_or_full)
-                vals[n] = _Patch(self._call(n, args, kwargs), src.oy, src.ox, cached[n])
+                vals[n] = _Patch(self._call(n, args, kwargs), src.oy, src.ox, cached[n], src.nhwc)
+            elif action == "permute":
+                src = vals[n.args[0]]
+                vals[n] = _Patch(src.data.permute(*extra), src.oy, src.ox, cached[n], not src.nhwc)
             elif action == "pointwise_map":
                 src = vals[n.args[0]]
                 crop = _crop(cached[extra], src.oy, src.ox, *src.data.shape[-2:])
                 args = (src.data, crop, *fx.node.map_arg(n.args[2:], full))
                 kwargs = fx.node.map_arg(n.kwargs, full)
                 vals[n] = _Patch(self._call(n, args, kwargs), src.oy, src.ox, cached[n])
+            elif action == "cat":
+                g = plan.geoms[n]
+                oy, ox = g.oy[chunk], g.ox[chunk]
+                parts = [_align(vals[a], g, oy, ox, pads_memo, a) for a in extra]
+                vals[n] = _Patch(torch.cat(parts, 1), oy, ox, cached[n])
             elif action == "union":
                 g = plan.geoms[n]
                 oy, ox = g.oy[chunk], g.ox[chunk]
@@ -1106,6 +1196,19 @@ def _layout_safe(n: fx.Node, module: nn.Module | None) -> bool:
     if n.op == "call_method":
         return n.target in _LAYOUT_SAFE_METHODS
     return True
+
+
+def _permute_dims(n: fx.Node) -> tuple[int, ...] | None:
+    """The dims of ``x.permute(...)`` / ``torch.permute(x, dims)`` when given as numbers."""
+    if n.op == "call_method" and n.target == "permute":
+        dims = n.args[1] if len(n.args) == 2 else n.args[1:]
+    elif n.op == "call_function" and n.target is torch.permute:
+        dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dims")
+    else:
+        return None
+    if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) for d in dims):
+        return None
+    return tuple(d % 4 for d in dims)
 
 
 def _is_shape_query(n: fx.Node) -> bool:
@@ -1200,11 +1303,26 @@ def _align(v: Any, g: Geom, oy, ox, pads_memo, node) -> torch.Tensor:
 
 def _materialize(v: _Patch) -> torch.Tensor:
     """The full maps ``[B, C, H, W]`` (channels-last memory): the cached map with each
-    position's patch written in."""
+    position's patch written in (``[B, H, W, C]`` for a channels-last-shaped map)."""
+    if v.nhwc:
+        b, h, w, c = v.data.shape
+        _, H, W, _ = v.base.shape
+        out = v.base.new_empty((b, H, W, c))
+        out.copy_(v.base.expand(b, H, W, c))  # a copy even for one position: never the cache
+        dev = v.data.device
+        ys = v.oy[:, None] + torch.arange(h, device=dev)
+        xs = v.ox[:, None] + torch.arange(w, device=dev)
+        idx = (ys[:, :, None] * W + xs[:, None, :]).reshape(b, h * w, 1).expand(b, h * w, c)
+        out.view(b, H * W, c).scatter_(1, idx, v.data.reshape(b, h * w, c))
+        return out
     data = v.data
     b, c, h, w = data.shape
     _, _, H, W = v.base.shape
-    out = v.base.expand(b, c, H, W).contiguous(memory_format=torch.channels_last)
+    # always a copy: ``contiguous`` would return the cached map itself for one position of a
+    # map already in channels-last memory, and the scatter below would overwrite the cache
+    out = torch.empty((b, c, H, W), dtype=v.base.dtype, device=v.base.device,
+                      memory_format=torch.channels_last)  # fmt: skip
+    out.copy_(v.base.expand(b, c, H, W))
     dev = data.device
     ys = v.oy[:, None] + torch.arange(h, device=dev)
     xs = v.ox[:, None] + torch.arange(w, device=dev)
@@ -1216,6 +1334,8 @@ def _materialize(v: _Patch) -> torch.Tensor:
 
 def _channel_sums(v: Any, channel: int, image: ImageCache) -> torch.Tensor:
     """Spatial sum of one channel at every position, float64 ``[B]``."""
+    if isinstance(v, _Patch) and v.nhwc:
+        v = _materialize(v)
     if isinstance(v, _Patch):
         key = (id(v.base), channel)
         if key not in image.integrals:

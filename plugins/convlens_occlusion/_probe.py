@@ -9,6 +9,8 @@ projection of that map, when the deconv probe is installed) and writes ``occlusi
 
 from __future__ import annotations
 
+import json
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from convlens.probe import ProbeContext, ProbeResult, ReportSection
 from convlens.render import save_png
 from convlens.render.report import esc
 
+from ._cache import entry_for
 from ._compute import METHODS, OcclusionMaps, occlusion_maps
 from ._grid import OcclusionGrid, default_window
 from ._render import figure, short_name
@@ -110,6 +113,17 @@ class OcclusionProbe(convlens.Probe):
                         "torch's or one, whichever runs the first batches faster).", min=1),
         convlens.Option("full_above", float, 0.7, "Incremental path: run a layer in full once "
                         "the changed region exceeds this fraction of its map.", min=0, max=1),
+        convlens.Option("approx", bool, False, "Approximate map (Krypton's adaptive drill-down) "
+                        "with its SSIM against exact values on a random block of positions."),
+        convlens.Option("approx_coarse", int, 2, "--approx: exact on every k-th row and column "
+                        "of positions.", min=2, max=64),
+        convlens.Option("approx_drill", float, 0.25, "--approx: share of positions recomputed "
+                        "exactly where the map changes most.", min=0, max=1),
+        convlens.Option("approx_ssim", float, 0.9, "--approx: target SSIM; a map below it is "
+                        "reported as missing it.", min=0, max=1),
+        convlens.Option("approx_check", float, 0.15, "--approx: share of positions in the "
+                        "random 7x7 blocks computed exactly to measure the SSIM.", min=0.01,
+                        max=1),
     )  # fmt: skip
 
     # -- run ------------------------------------------------------------------------------------
@@ -130,9 +144,15 @@ class OcclusionProbe(convlens.Probe):
                 fill=fill_model, target=opts["target"], layer=opts["layer"],
                 channel=opts["channel"], method=opts["method"], batch_size=opts["batch_size"],
                 full_above=opts["full_above"], threads=opts["threads"], progress=advance,
+                approx=bool(opts["approx"]), approx_coarse=opts["approx_coarse"],
+                approx_drill=opts["approx_drill"], approx_ssim=opts["approx_ssim"],
+                approx_check=opts["approx_check"],
+                approx_seed=ctx.seed,
             )  # fmt: skip
         names = class_names(ctx.model, res.num_classes)
+        t_write = time.perf_counter()
         files = self._write(ctx, res, x, paths, names, fill_rgb, fill_how)
+        res.phases["write"] = round(time.perf_counter() - t_write, 4)
         summary = self._summary(res, paths, names, fill_rgb, fill_how)
         data = {
             "maps": res,
@@ -206,6 +226,7 @@ class OcclusionProbe(convlens.Probe):
                 "class_names": {str(c): names[c] for c in used},
                 "path": res.path,
                 "seconds": round(res.seconds, 3),
+                "phases": res.phases,
                 "arrays": {
                     "file": "occlusion.npz",
                     "prob_target": "float32 [N, rows, cols]: p(target) with the square there",
@@ -227,6 +248,7 @@ class OcclusionProbe(convlens.Probe):
             f"{tuple(round(v, 3) for v in res.fill)}",
             "layer": f"{res.layer} ({res.channel_source} channel)",
             "path": describe_path(res.path),
+            **({"approx": describe_approx(res.path["approx"])} if res.path.get("approx") else {}),
             "threads": ", ".join(f"{k} {v['threads']}" for k, v in res.path["threads"].items()),
             "seconds": round(res.seconds, 2),
         }
@@ -247,7 +269,9 @@ class OcclusionProbe(convlens.Probe):
         x, paths, names = d["inputs"], d["paths"], d["names"]
         pre = ctx.preprocess
         figures, rows = [], []
+        t0 = time.perf_counter()
         projections, note, rule = _deconv_projections(ctx, x, res)  # rule: (name, layer)
+        t1 = time.perf_counter()
         for i, p in enumerate(paths):
             image = pre.denormalize(x[i]).permute(1, 2, 0).numpy()
             proj = None if projections is None else projections[i]
@@ -288,10 +312,27 @@ class OcclusionProbe(convlens.Probe):
             + "</table>"
             + "".join(f'<figure><img src="{esc(f)}" alt="occlusion"></figure>' for f in figures)
         )
+        _record_phases(
+            ctx.out_dir / "occlusion.json",
+            write=res.phases.get("write", 0.0),
+            deconv_panel=t1 - t0,
+            figures=time.perf_counter() - t1,
+        )
         return ReportSection("Occlusion sensitivity (Fig. 7)", html, figures, order=40)
 
     def describe(self, result: ProbeResult) -> list[tuple[str, str]]:
         return [(k, str(v)) for k, v in result.summary.items()]
+
+
+def _record_phases(path: Path, **seconds: float) -> None:
+    """Add the seconds of the phases after the computation (writing the files, panel (c) from
+    the deconv probe, the figures and report section) to ``phases`` in ``occlusion.json``."""
+    if not path.exists():
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    phases = data.setdefault("phases", {})
+    phases.update({k: round(v, 4) for k, v in seconds.items()})
+    write_json(path, data)
 
 
 def _worst(res: OcclusionMaps, i: int) -> dict[str, Any]:
@@ -302,6 +343,24 @@ def _worst(res: OcclusionMaps, i: int) -> dict[str, Any]:
         "at": [r, c],
         "box": [int(v) for v in res.grid.boxes()[p]],
     }
+
+
+def describe_approx(approx: dict[str, Any]) -> str:
+    """One line: how good the approximate map is, and whether it meets its target."""
+    per = approx["per_image"]
+    figs = [r["check"]["ssim"] for r in per]
+    shown = ", ".join("n/a" if f is None else f"{f:.3f}" for f in figs)
+    exact = sum(r["exact_positions"]["total"] for r in per)
+    total = sum(r["positions"] for r in per)
+    verdict = (
+        "meets the target"
+        if approx["meets_target"]
+        else "BELOW the target: not a good approximation"
+    )
+    return (
+        f"approximate (adaptive drill-down): {exact} of {total} positions exact; SSIM on the "
+        f"exact check block {shown} vs target {per[0]['target_ssim']}: {verdict}"
+    )
 
 
 def describe_path(path: dict[str, Any]) -> str:
@@ -362,7 +421,15 @@ def _deconv_projections(ctx: ProbeContext, x: torch.Tensor, res: OcclusionMaps):
         # a ReLU6 output's strongest units sit at the ceiling, where guided projects zero: seed
         # the same channel at the ReLU6's input instead
         layer = unsaturated(trace_model(ctx.model, xs[:1]), res.layer)
-        choice = deconv.choose_rule(ctx.model, ref[:4], layer)
+        # the rule depends on the model and layer, not on this run's images when it is
+        # measured on the bundled photos: measured once per model (and weights) in a process
+        entry, _ = entry_for(ctx.model, xs)
+        key = ("deconv_rule", layer, xs.shape[0] < 2)
+        choice = entry.extras.get(key) if xs.shape[0] < 2 else None
+        if choice is None:
+            choice = deconv.choose_rule(ctx.model, ref[:4], layer)
+            if xs.shape[0] < 2:
+                entry.extras[key] = choice
         fig = "n/a" if choice.figure is None else f"{choice.figure:.2f}"
         ctx.note(f"occlusion panel (c) at {layer}: rule {choice.rule} (image_specificity "
                  f"{fig}): {choice.reason}")  # fmt: skip
@@ -384,4 +451,3 @@ def _deconv_projections(ctx: ProbeContext, x: torch.Tensor, res: OcclusionMaps):
         arr = projections[i].detach().cpu().float().numpy()
         out.append(robust_stretch(arr).transpose(1, 2, 0))
     return out, None, (choice.rule, layer)
-

@@ -54,6 +54,12 @@ def test_espresso_drops_where_the_square_covers_the_cup(tmp_path):
     for fig in section["figures"]:
         assert (out / fig).is_file()
     assert (out / "index.html").is_file()
+    # the time of every phase, the figures' included (added after rendering)
+    phases = json.loads((out / "occlusion" / "occlusion.json").read_text())["phases"]
+    for k in ("default_layer", "trace", "validate", "unoccluded", "sweep", "write", "figures"):
+        assert phases[k] >= 0.0, k
+    assert 0.0 < phases["sweep"] < phases["total"]
+    assert phases["total"] == pytest.approx(meta["seconds"], abs=0.05)
 
 
 @pytest.fixture

@@ -1,0 +1,128 @@
+"""Occlusion's fixed costs, paid once per model and input size within a process.
+
+Before its sweep, :func:`~convlens_occlusion.occlusion_maps` finds the default layer (a traced
+forward pass), traces the model with ``torch.fx``, checks the traced graph against the eager model
+on one image, and tunes the sweep's thread count. None of these depend on the image, only on the
+model, its weights and the input's shape, dtype and device, so they are kept here and reused by
+later calls and by every image of a run:
+
+* one :class:`ModelEntry` per (model, input shape, dtype, device), in a
+  :class:`weakref.WeakKeyDictionary` on the model (the entry holds its engines, which hold the
+  model only weakly: dropping the model drops its entry);
+* an entry is valid for one *signature* of the model: the identity, storage address and version
+  counter of every parameter and buffer, and every module's training flag. An in-place update
+  (an optimiser step, ``load_state_dict``, ``copy_``), a replaced tensor or ``train()`` changes
+  it, and the entry is rebuilt from scratch at the next call;
+* :func:`clear` empties the cache (one model, or all).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._incremental import IncrementalOcclusion, UnsupportedModel, trace_graph
+
+__all__ = ["ModelEntry", "entry_for", "clear", "signature"]
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, ModelEntry]] = weakref.WeakKeyDictionary()
+
+
+def signature(model: nn.Module) -> tuple:
+    """What a cached trace, validation and thread choice of ``model`` depend on."""
+    tensors = tuple(
+        (id(t), t.data_ptr(), _version(t)) for t in (*model.parameters(), *model.buffers())
+    )
+    return tensors, tuple(m.training for m in model.modules())
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return int(t._version)
+    except RuntimeError:  # an inference tensor (made under inference_mode) keeps no counter
+        return -1
+
+
+@dataclass
+class ModelEntry:
+    """The fixed costs of one model at one input shape/dtype/device.
+
+    ``default_layer``: Fig. 7's layer (b) when none is given; ``max_numel``: the largest
+    per-image activation (to size batched forwards); ``traced``: the ``torch.fx`` graph
+    and its opaque submodules, or the reason tracing failed; ``engines``: incremental engines by
+    (layer, call, full_above, fold_batchnorm), or the reason one cannot run; ``validated``: the
+    engine keys whose graph reproduced the eager model's logits and layer; ``threads``: the
+    sweep's thread choice per method; ``extras``: other per-model results (the deconv rule of
+    panel (c) measured on the bundled photos)."""
+
+    signature: tuple
+    default_layer: str | None = None
+    max_numel: int | None = None
+    traced: tuple[Any, list[str]] | UnsupportedModel | None = None
+    engines: dict[tuple, IncrementalOcclusion | UnsupportedModel] = field(default_factory=dict)
+    validated: set[tuple] = field(default_factory=set)
+    threads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    extras: dict[Any, Any] = field(default_factory=dict)
+
+    def engine(
+        self, model: nn.Module, layer: str, call: int, full_above: float, fold_batchnorm: bool
+    ) -> tuple[IncrementalOcclusion, tuple, bool]:
+        """The engine for this layer and settings, ``(engine, key, cached)``; raises
+        :class:`UnsupportedModel` (again, from the cache) when the model cannot run
+        incrementally."""
+        key = (layer, int(call), float(full_above), bool(fold_batchnorm))
+        found = self.engines.get(key)
+        if isinstance(found, UnsupportedModel):
+            raise found
+        if found is not None:
+            return found, key, True
+        try:
+            if self.traced is None:
+                try:
+                    self.traced = trace_graph(model)
+                except UnsupportedModel as exc:
+                    self.traced = exc
+            if isinstance(self.traced, UnsupportedModel):
+                raise self.traced
+            engine = IncrementalOcclusion(
+                model, layer, call, full_above, fold_batchnorm, traced=self.traced
+            )
+        except UnsupportedModel as exc:
+            self.engines[key] = exc
+            raise
+        self.engines[key] = engine
+        return engine, key, False
+
+    def reject(self, key: tuple, exc: UnsupportedModel) -> None:
+        """Remember that the engine of ``key`` failed its check against the eager model."""
+        self.engines[key] = exc
+        self.validated.discard(key)
+
+
+def entry_for(model: nn.Module, x: torch.Tensor) -> tuple[ModelEntry, bool]:
+    """The cache entry of ``model`` for inputs shaped like ``x`` (``[N, C, H, W]``), and whether
+    it was already there with the model's current signature."""
+    key = (tuple(x.shape[1:]), x.dtype, str(x.device))
+    sig = signature(model)
+    per_model = _CACHE.get(model)
+    if per_model is None:
+        per_model = _CACHE[model] = {}
+    entry = per_model.get(key)
+    if entry is not None and entry.signature == sig:
+        return entry, True
+    if entry is not None:  # the weights or modes changed: nothing cached still holds
+        per_model.clear()
+    entry = per_model[key] = ModelEntry(sig)
+    return entry, False
+
+
+def clear(model: nn.Module | None = None) -> None:
+    """Forget the cached traces, checks and thread choices of ``model`` (default: of all)."""
+    if model is None:
+        _CACHE.clear()
+    else:
+        _CACHE.pop(model, None)

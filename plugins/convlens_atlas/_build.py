@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from convlens_deconv._mining import distributed_info, init_distributed, mine_topk_layers
+from convlens_deconv._probe import check_map_layers
 from convlens_deconv._project import Seed, project
 from convlens_deconv._render import BACKGROUND, UnitTiles, fig2_canvas, resize
 from convlens_deconv._specificity import SPECIFICITY_THRESHOLD, choose_rule
@@ -85,13 +86,7 @@ def _choose_layers(model: nn.Module, rec, requested: list[str], note) -> list[st
                  f"projecting its input {sub} instead")  # fmt: skip
         layers.append(sub)
     layers = list(dict.fromkeys(layers))
-    for lay in layers:
-        shape = tuple(rec.layer(lay).output_shape or ())
-        if len(shape) not in (2, 4):
-            raise ConvlensError(
-                f"layer {lay!r} outputs {shape}: the atlas shows [N, C, H, W] feature maps (or "
-                "[N, F] vectors); token layers are not supported"
-            )
+    check_map_layers(rec, layers, "the atlas shows")
     order = {lay: rec.layer(lay).index for lay in layers}
     return sorted(layers, key=lambda lay: order[lay])
 

@@ -844,17 +844,24 @@ def _strongest(entries: list[dict[str, Any]], layer: str) -> str:
     return f"channel {e['channel']} = {e['activation']:.4g} ({Path(e['image']).name})"
 
 
-def _check_maps(model_name: str, rec, layers: list[str], requested: bool) -> None:
-    """The deconv probe projects feature maps ``[N, C, H, W]`` (or fc vectors ``[N, F]``): a token
-    layer ``[N, L, C]`` (ViT, Swin) is refused in one line naming it and its shape, and so is a
-    token model when no layer was named (its only maps are the patch embedding's)."""
+def check_map_layers(rec, layers: list[str], what: str) -> None:
+    """Refuse, in one line naming it and its shape, a layer whose output is not a feature map
+    ``[N, C, H, W]`` or a vector ``[N, F]`` (a token layer ``[N, L, C]``: ViT, Swin). ``what``
+    says who needs maps (the deconv probe, the atlas)."""
     for lay in layers:
         shape = tuple(rec.layer(lay).output_shape or ())
         if len(shape) not in (2, 4):
             raise ConvlensError(
-                f"layer {lay!r} outputs {shape}: the deconv probe projects [N, C, H, W] feature "
-                "maps (or [N, F] vectors); token layers are not supported"
+                f"layer {lay!r} outputs {shape}: {what} [N, C, H, W] feature maps (or [N, F] "
+                "vectors); token layers are not supported"
             )
+
+
+def _check_maps(model_name: str, rec, layers: list[str], requested: bool) -> None:
+    """The deconv probe projects feature maps ``[N, C, H, W]`` (or fc vectors ``[N, F]``): a token
+    layer ``[N, L, C]`` (ViT, Swin) is refused in one line naming it and its shape, and so is a
+    token model when no layer was named (its only maps are the patch embedding's)."""
+    check_map_layers(rec, layers, "the deconv probe projects")
     if not requested:
         tokens = [c for c in rec.leaves() if len(tuple(c.output_shape or ())) == 3]
         if tokens:

@@ -29,7 +29,7 @@ from ._approx import SubGrid, approximate_image
 from ._cache import entry_for
 from ._flops import flop_report
 from ._grid import OcclusionGrid, default_window, fill_tensor, paint
-from ._incremental import Geom, IncrementalOcclusion, UnsupportedModel
+from ._incremental import Geom, IncrementalOcclusion, UnsupportedModel, _node_label
 
 __all__ = [
     "OcclusionMaps",
@@ -65,8 +65,9 @@ class OcclusionMaps:
     7 (d)); ``logit_target``: its logit; ``top_class``: the most probable class ((e));
     ``feature_activity``: the spatial sum of channel ``channels[n]`` of ``layer`` ((b));
     ``logits``: every logit ``[N, rows, cols, K]`` when asked for. ``*_orig``: the same numbers for
-    the unoccluded image. ``path``: which computation ran, per image, and per layer for the
-    incremental path.
+    the unoccluded image. ``strongest_at``: ``[N, 2]`` (row, column) in ``layer``'s map where
+    channel ``channels[n]`` is largest in the unoccluded image (panel (c) projects that unit).
+    ``path``: which computation ran, per image, and per layer for the incremental path.
     """
 
     grid: OcclusionGrid
@@ -90,6 +91,7 @@ class OcclusionMaps:
     logits: np.ndarray | None = None
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
+    strongest_at: np.ndarray | None = None
 
 
 class _Phases:
@@ -127,6 +129,7 @@ class _ThreadTuner:
         self, threads: int | None, device: torch.device, earlier: dict[str, Any] | None = None
     ) -> None:
         self.initial = torch.get_num_threads()
+        self.explicit = int(threads) if threads else None
         self.choice = int(threads) if threads else self.initial
         tune = threads is None and device.type == "cpu" and self.initial > 1
         # an earlier call's choice for this model and input size (``_cache.py``), made with
@@ -277,7 +280,7 @@ def occlusion_maps(
             else:
                 phases.cached["default_layer"] = entry.default_layer is not None
                 if entry.default_layer is None:
-                    entry.default_layer = _default_layer(model, x[:1])
+                    entry.default_layer = _default_layer(model, x[:1], entry)
                 layer_name = entry.default_layer
             ref = resolve_layer(model, layer_name)
 
@@ -329,6 +332,7 @@ def occlusion_maps(
         feature_all = torch.empty((n_img, positions), dtype=torch.float64)
         logits0_rows: list[torch.Tensor] = []
         feature_orig: list[float] = []
+        strongest: list[list[int]] = []
         targets: list[int] = []
         channels: list[int] = []
         per_image: list[str] = []
@@ -339,6 +343,8 @@ def occlusion_maps(
             m: _ThreadTuner(threads, device, entry.threads.get(m))
             for m in ("incremental", "batched")
         }
+        # the whole grid's positions, of every group and image, meet in one tail (``_Tail``)
+        shared_tail: _Tail | None = None
         try:
             for i in range(n_img):
                 cache = None
@@ -370,27 +376,43 @@ def occlusion_maps(
                 channels.append(c_i)
                 logits0_rows.append(lg0.float().cpu())
                 feature_orig.append(float(ac0[0, c_i].double().sum()))
+                flat = int(ac0[0, c_i].reshape(-1).argmax()) if ac0.dim() == 4 else 0
+                strongest.append(list(divmod(flat, int(ac0.shape[-1]))))
                 if groups is None and engine is not None and cache is not None:
                     with phases("plan"):
                         flops, groups = _plan_groups(
                             engine, cache, grid, x.device, group_positions, layers_report
                         )
+                        plans = [
+                            engine.plan(cache, _input_geom(SubGrid(grid, g), x.device))
+                            for g in groups
+                        ]
+                        shared_tail = _tail_for(
+                            engine, cache, plans,
+                            tuners["incremental"].explicit or tuners["incremental"].initial,
+                        )  # fmt: skip
 
                 per_batch: list[int] = [0]
 
                 def exact(
                     index, i=i, c_i=c_i, cache=cache, lg_out=None, ft_out=None,
                     num_classes=num_classes, per_batch=per_batch, groups=groups,
+                    shared=shared_tail,
                 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
                     sub = grid if index is None else SubGrid(grid, index)
                     n = len(sub)
                     lg_out = torch.empty((n, num_classes)) if lg_out is None else lg_out
                     ft_out = torch.empty(n, dtype=torch.float64) if ft_out is None else ft_out
-                    if index is None and groups and len(groups) > 1:
-                        for g in groups:  # positions whose changed boxes have similar sizes
-                            lg_g, ft_g = exact(g, i=i, c_i=c_i, cache=cache)
-                            gi = torch.as_tensor(g)
-                            lg_out[gi], ft_out[gi] = lg_g, ft_g
+                    if index is None and engine is not None and cache is not None:
+                        # positions in groups whose changed boxes have similar sizes; the rows
+                        # land in ``lg_out``/``ft_out`` when ``shared_tail`` is flushed
+                        for g in groups or [np.arange(len(grid))]:
+                            bs = _sweep_incremental(
+                                engine, cache, x[i], SubGrid(grid, g), fill_t, c_i, batch_size,
+                                lg_out, ft_out, advance, layers_report, tuners["incremental"],
+                                tail=shared, out_rows=torch.as_tensor(g),
+                            )  # fmt: skip
+                            per_batch[:] = [bs]
                         return lg_out, ft_out
                     if engine is not None and cache is not None:
                         bs = _sweep_incremental(
@@ -421,6 +443,9 @@ def occlusion_maps(
                 b = per_batch[0]
                 del cache
                 batches.append(b)
+            if shared_tail is not None:
+                with phases("sweep"):
+                    shared_tail.flush()
         finally:
             for tuner in tuners.values():
                 tuner.restore()
@@ -472,6 +497,14 @@ def occlusion_maps(
         "layers": layers_report,
         "cached": dict(phases.cached),
         "flops": flops,
+        "tail": None
+        if shared_tail is None
+        else {
+            "from_node": _node_label(engine.nodes[shared_tail.t]),
+            "batch": shared_tail.capacity,
+            "runs": shared_tail.flushes,
+            "seconds": round(shared_tail.seconds, 4),
+        },
         "approx": approx_path,
     }
     return OcclusionMaps(
@@ -496,6 +529,7 @@ def occlusion_maps(
         logits=logits_all.reshape(*shape, num_classes).numpy() if return_logits else None,
         seconds=time.perf_counter() - t0,
         phases=phases.seconds(time.perf_counter() - t0),
+        strongest_at=np.asarray(strongest, dtype=np.int64).reshape(n_img, 2),
     )
 
 
@@ -599,19 +633,22 @@ def flop_analysis(
         return flops
 
 
-def _incremental_batch(plan, cache, positions: int) -> int:
+def _incremental_batch(plan, cache, positions: int, stop: int | None = None) -> int:
     """Positions per batch on the incremental path: as many as keep its largest tensor (a
     patch, a gathered window or a full map) within :data:`TENSOR_BYTES`. Larger tensors are
-    mapped and unmapped by the allocator at every batch, which costs more than it saves."""
+    mapped and unmapped by the allocator at every batch, which costs more than it saves.
+    ``stop``: the runs end at that node (a tail split); later nodes do not count."""
     worst = 1
-    for n, (action, extra) in plan.actions.items():
+    for k, (n, (action, extra)) in enumerate(plan.actions.items()):
+        if stop is not None and k >= stop:
+            break
         v = cache.values.get(n)
         if not isinstance(v, torch.Tensor) or v.dim() != 4:
             continue
         g = plan.geoms.get(n)
         if g is not None:
             worst = max(worst, v.shape[1] * g.h * g.w)
-        elif action in ("run", "run_folded"):
+        elif action in ("run", "run_folded", "run_linear"):
             worst = max(worst, int(np.prod(v.shape[1:])))
         if action == "local" and g is not None:
             win = extra[0]
@@ -621,12 +658,12 @@ def _incremental_batch(plan, cache, positions: int) -> int:
     return int(max(1, min(MAX_BATCH, positions, max(MIN_BATCH, TENSOR_BYTES // (4 * worst)))))
 
 
-def _default_layer(model: nn.Module, x1: torch.Tensor) -> str:
+def _default_layer(model: nn.Module, x1: torch.Tensor, entry=None) -> str:
     """The top convolutional layer (Fig. 7 reads layer 5 of the paper's model)."""
     aliases = getattr(model, "convlens_aliases", {}) or {}
     if any(a.startswith("conv") and a[4:].isdigit() for a in aliases):
         return top_conv_layer(model)
-    return top_conv_layer(model, trace_model(model, x1))
+    return top_conv_layer(model, entry.trace(model, x1) if entry else trace_model(model, x1))
 
 
 def _max_activation_numel(model: nn.Module, x1: torch.Tensor) -> int:
@@ -703,6 +740,84 @@ def _input_patches(
     return torch.where(mask, fill, crop)
 
 
+class _Tail:
+    """Positions waiting for the tail of the network (``IncrementalOcclusion.tail_start``: the
+    nodes that run in full for every position, e.g. vgg16's fully connected layers).
+
+    Positions arrive in batches as small as their group of positions (a border row of squares
+    may be a handful of positions), and a fully connected layer read by a small batch is bound by
+    reading its weights (vgg16's first one: 411 MB per call). The head of each batch runs on
+    patches as before; its values at the split wait here and run through the tail together,
+    ``capacity`` rows at a time, across groups and images, then land in the rows they came from
+    (``flush``; the caller flushes before reading its outputs). Values are equal to a per-batch
+    run up to float rounding."""
+
+    def __init__(self, engine, plan, t: int, capacity: int, threads: int | None) -> None:
+        self.engine, self.plan, self.t = engine, plan, t
+        self.capacity = max(1, int(capacity))
+        self.threads = threads
+        self.pending: list[tuple] = []
+        self.rows = 0
+        self.image = None  # an ImageCache: weights and constants, the same for every image
+        self.flushes = 0
+        self.seconds = 0.0
+
+    def add(self, image, state, channel: int, feature, logits_out, feature_out, rows) -> None:
+        self.image = image
+        self.pending.append((state, channel, feature, logits_out, feature_out, rows))
+        self.rows += int(rows.numel())
+        if self.rows >= self.capacity:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        t0 = time.perf_counter()
+        before = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            nodes = self.engine.tail_inputs(self.t)
+            state = {n: torch.cat([p[0][n] for p in self.pending]) for n in nodes}
+            channels = torch.cat([
+                torch.full((int(p[5].numel()),), p[1], dtype=torch.long) for p in self.pending
+            ])  # fmt: skip
+            logits, feat = self.engine.run_tail(self.image, self.plan, self.t, state, channels)
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+                raise ConvlensError("occlusion: the model's output is not a [N, classes] tensor")
+            logits = logits.float().cpu()
+            start = 0
+            for _, _, head_feature, lg_out, ft_out, rows in self.pending:
+                stop = start + int(rows.numel())
+                lg_out[rows] = logits[start:stop]
+                ft_out[rows] = (head_feature if head_feature is not None
+                                else feat[start:stop]).cpu()  # fmt: skip
+                start = stop
+        finally:
+            torch.set_num_threads(before)
+        self.pending, self.rows = [], 0
+        self.flushes += 1
+        self.seconds += time.perf_counter() - t0
+
+
+def _tail_for(engine, cache, plans, threads: int | None) -> _Tail | None:
+    """A :class:`_Tail` for the positions of ``plans`` (the groups of one grid), split where
+    all of them run in full; None when there is no such split."""
+    starts = [engine.tail_start(p) for p in plans]
+    if not starts or any(t is None for t in starts):
+        return None
+    t = max(starts)
+    if not all(engine.tail_ok(p, t) for p in plans):
+        return None
+    worst = 1
+    for n in engine.nodes[t:] + engine.tail_inputs(t):
+        v = cache.values.get(n)
+        if isinstance(v, torch.Tensor) and engine._dep[n]:
+            worst = max(worst, int(v[0].numel()))
+    capacity = max(MIN_BATCH, min(MAX_BATCH, TENSOR_BYTES // (4 * worst)))
+    return _Tail(engine, plans[0], t, capacity, threads)
+
+
 def _sweep_incremental(
     engine,
     cache,
@@ -716,24 +831,45 @@ def _sweep_incremental(
     advance,
     layers_report,
     tuner: _ThreadTuner,
+    tail: _Tail | None = None,
+    out_rows: torch.Tensor | None = None,
 ) -> int:
+    """The positions of ``grid`` (an :class:`OcclusionGrid` or :class:`SubGrid`) on patches,
+    into ``logits_out``/``feature_out``. With ``tail`` the runs stop at its split and the rows
+    wait there (the caller flushes it); without, a tail of this call's own is used and flushed
+    before returning. ``out_rows``: the row of the outputs each position of ``grid`` fills
+    (default: its own index)."""
     geom = _input_geom(grid, image.device)
     plan = engine.plan(cache, geom)
     if not layers_report:
         layers_report.extend(r.to_dict() for r in plan.report)
     positions = len(grid)
+    own = tail is None
+    if own:
+        tail = _tail_for(engine, cache, [plan], tuner.explicit or tuner.initial)
+    elif not engine.tail_ok(plan, tail.t):
+        tail.flush()
+        tail, own = None, True
+    stop = tail.t if tail is not None else None
+    rows_of = torch.arange(positions) if out_rows is None else out_rows
     if batch_size is None:
-        batch_size = _incremental_batch(plan, cache, positions)
+        batch_size = _incremental_batch(plan, cache, positions, stop)
     for start in range(0, positions, batch_size):
         sl = slice(start, min(positions, start + batch_size))
         with tuner.batch(sl.stop - sl.start):
             patch = _input_patches(image, grid, geom, sl, fill)
-            logits, feat = engine.run(cache, plan, patch, sl, channel)
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            raise ConvlensError("occlusion: the model's output is not a [N, classes] tensor")
-        logits_out[sl] = logits.float().cpu()
-        feature_out[sl] = feat.cpu()
+            out, feat = engine.run(cache, plan, patch, sl, channel, stop=stop)
+        rows = rows_of[sl]
+        if tail is not None:
+            tail.add(cache, out, channel, feat, logits_out, feature_out, rows)
+        else:
+            if not isinstance(out, torch.Tensor) or out.dim() != 2:
+                raise ConvlensError("occlusion: the model's output is not a [N, classes] tensor")
+            logits_out[rows] = out.float().cpu()
+            feature_out[rows] = feat.cpu()
         advance(sl.stop - sl.start)
+    if own and tail is not None:
+        tail.flush()
     return batch_size
 
 

@@ -49,6 +49,9 @@ from convlens.errors import ConvlensError
 __all__ = ["IncrementalOcclusion", "UnsupportedModel", "trace_graph"]
 
 
+#: Actions a node of the tail may have (everything there runs on full maps).
+_TAIL_ACTIONS = frozenset({"const", "run", "run_folded", "run_linear", "meta", "alias", "output"})
+
 #: Plans kept per engine (one per group of positions and grid; see ``_compute._groups``).
 PLANS_KEPT = 64
 
@@ -187,6 +190,17 @@ class _Window:
     pad_value: float
     apply: Callable[[torch.Tensor], torch.Tensor]
     what: str
+
+
+class _Linear:
+    """A convolution whose kernel covers its input, as a matrix product (``_as_linear``)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x.reshape(x.shape[0], -1), self.weight, self.bias)
+        return out.view(x.shape[0], -1, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -516,6 +530,7 @@ class _Plan:
     geoms: dict[fx.Node, Geom] = field(default_factory=dict)
     report: list[NodeReport] = field(default_factory=list)
     folded: int = 0
+    tail: int | None = None  # first node of the tail (``tail_start``; -1: none), once known
 
 
 def _contains_tensor(v: Any) -> bool:
@@ -590,6 +605,10 @@ class IncrementalOcclusion:
         self._plans: OrderedDict[Any, _Plan] = OrderedDict()  # by geometry, the latest last
         self._fold_cache: dict[fx.Node, _Folded] | None = None
         self._checked_inplace = False
+        self._tail_inputs: dict[int, list[fx.Node]] = {}
+        self._linears: dict[fx.Node, _Linear | None] = {}
+        # shapes of the unoccluded pass's values (None: not a tensor), to check tail splits
+        self._shapes: dict[fx.Node, tuple[int, ...] | None] | None = None
 
     @property
     def model(self) -> nn.Module | None:
@@ -708,6 +727,9 @@ class IncrementalOcclusion:
         if not self._checked_inplace:
             self._check_inplace(storage)
             self._checked_inplace = True
+        self._shapes = {
+            n: tuple(v.shape) if isinstance(v, torch.Tensor) else None for n, v in cached.items()
+        }
         return ImageCache(cached)
 
     def _check_inplace(self, storage: dict[fx.Node, int]) -> None:
@@ -806,6 +828,8 @@ class IncrementalOcclusion:
                 action, out_geom = self._plan_patch(n, module, kind, cached, const, thr, folded)
             if action[0] == "run" and folded is not None:
                 action = ("run_folded", folded)
+            elif action[0] == "run" and (lin := self._as_linear(n, module, const, cached)):
+                action = ("run_linear", lin)
             elif action[0] == "run" and not _layout_safe(n, module):
                 action = ("run", "contiguous")
             plan.actions[n] = action
@@ -831,7 +855,7 @@ class IncrementalOcclusion:
                             tuple(value.shape),
                         )
                     )
-                elif action[0] in ("run", "run_folded"):
+                elif action[0] in ("run", "run_folded", "run_linear"):
                     plan.report.append(
                         NodeReport(_node_label(n), action[0], "full", 1.0, tuple(value.shape))
                     )
@@ -839,6 +863,35 @@ class IncrementalOcclusion:
         while len(self._plans) > PLANS_KEPT:
             self._plans.popitem(last=False)
         return plan
+
+    def _as_linear(self, n: fx.Node, module, const, cached) -> _Linear | None:
+        """A convolution whose kernel covers its whole unpadded input (vgg16's and AlexNet's
+        first fully connected layer, written as a 7x7 convolution) is a matrix product: run as
+        one (``F.linear``), it reads the same weights in a GEMM, about twice as fast on CPU for
+        a large batch as the convolution kernel. Same values up to float rounding."""
+        if n in self._linears:
+            return self._linears[n]
+        self._linears[n] = None
+        p = _conv_params(n, module, const)
+        first = n.args[0] if n.args else None
+        if p is None or not isinstance(first, fx.Node) or not self._dep[first]:
+            return None
+        if any(self._dep[a] for a in n.all_input_nodes if a is not first):
+            return None
+        weight, bias, stride, padding, dilation, groups = p
+        x, out = cached.get(first), cached.get(n)
+        if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and x.dim() == 4):
+            return None
+        if isinstance(padding, str):
+            if padding != "valid":
+                return None
+            padding = 0
+        if groups != 1 or _pair(dilation) != (1, 1) or _pair(padding) != (0, 0):
+            return None
+        if tuple(weight.shape[-2:]) != tuple(x.shape[-2:]) or tuple(out.shape[-2:]) != (1, 1):
+            return None
+        self._linears[n] = _Linear(weight.reshape(weight.shape[0], -1), bias)
+        return self._linears[n]
 
     def _folds(self, cached, const) -> dict[fx.Node, _Folded]:
         """Convolutions read only by an eval-mode BatchNorm: fold the norm into the weights
@@ -1036,6 +1089,97 @@ class IncrementalOcclusion:
             return n.target in _BINARY_METHODS
         return False
 
+    # -- the tail: what runs in full for every position ---------------------------------------
+
+    def tail_start(self, plan: _Plan) -> int | None:
+        """Index of the first node of the plan's *tail*: from there on every node runs in full
+        (no patch, no input), so positions from different batches, groups of positions and
+        images can run through it together in one larger batch (``run(stop=...)`` then
+        :meth:`run_tail`). None when no such split is safe: a value crossing the split is not a
+        batch-major tensor (a shape read from a batch, a tuple), or there is no tail."""
+        if plan.tail is not None:
+            return plan.tail if plan.tail >= 0 else None
+        last = max(
+            i for i, n in enumerate(self.nodes)
+            if n in plan.geoms or plan.actions[n][0] == "input"
+        )  # fmt: skip
+        t = last + 1
+        ok = t < len(self.nodes) - 1 and self.tail_ok(plan, t)
+        plan.tail = t if ok else -1
+        return t if ok else None
+
+    def tail_inputs(self, t: int) -> list[fx.Node]:
+        """The input-dependent values computed before node ``t`` and read from ``t`` on."""
+        if t not in self._tail_inputs:
+            pos = {n: i for i, n in enumerate(self.nodes)}
+            self._tail_inputs[t] = [
+                n for n in self.nodes[:t]
+                if self._dep[n] and any(pos[u] >= t for u in n.users)
+            ]  # fmt: skip
+        return self._tail_inputs[t]
+
+    def tail_ok(self, plan: _Plan, t: int) -> bool:
+        """Whether ``plan`` can stop before node ``t`` and hand its values to :meth:`run_tail`:
+        every crossing value is a tensor with one row per position, and every node from ``t``
+        on runs in full."""
+        for n in self.nodes[t:]:
+            if n in plan.geoms or plan.actions[n][0] not in _TAIL_ACTIONS:
+                return False
+        if self._shapes is None:
+            return False
+        for n in self.tail_inputs(t):
+            shape = self._shapes.get(n)
+            if plan.actions[n][0] == "meta" or not shape or shape[0] != 1:
+                return False
+        return True
+
+    def run_tail(
+        self,
+        image: ImageCache,
+        plan: _Plan,
+        t: int,
+        state: dict[fx.Node, torch.Tensor],
+        feature_channels: torch.Tensor | None,
+    ) -> tuple[Any, torch.Tensor | None]:
+        """Run nodes ``t`` onwards on ``state`` (the values of :meth:`tail_inputs`, rows of any
+        positions and images stacked): logits ``[B, K]`` and, when the probed layer lies in the
+        tail, the spatial sum of each row's channel (``feature_channels[b]``), float64 ``[B]``.
+        ``image`` supplies the input-independent values (weights, constants): any image's."""
+        cached = image.values
+        vals: dict[fx.Node, Any] = dict(state)
+        feature: torch.Tensor | None = None
+        for i in range(t, len(self.nodes)):
+            n = self.nodes[i]
+            action, extra = plan.actions[n]
+
+            def get(a: fx.Node, contiguous=extra == "contiguous") -> Any:
+                v = vals[a] if a in vals else cached[a]  # input-independent values: cached
+                if contiguous and isinstance(v, torch.Tensor) and v.dim() == 4:
+                    return v.contiguous()
+                return v
+
+            if action == "const":
+                vals[n] = cached[n]
+            elif action == "output":
+                return fx.node.map_arg(n.args[0], get), feature
+            elif action in ("run", "meta"):
+                args = fx.node.map_arg(n.args, get)
+                kwargs = fx.node.map_arg(n.kwargs, get)
+                vals[n] = self._call(n, args, kwargs)
+            elif action in ("run_folded", "run_linear"):
+                vals[n] = extra(get(n.args[0]))
+            elif action == "alias":
+                vals[n] = get(extra)
+            else:  # pragma: no cover - tail_ok admits only the actions above
+                raise AssertionError(action)
+            if n is self.feature_node and feature_channels is not None:
+                v = vals[n]
+                rows = torch.arange(v.shape[0], device=v.device)
+                feature = v[rows, feature_channels.to(v.device)].double().sum((1, 2))
+            for dead in self._last_use.get(i, ()):
+                vals.pop(dead, None)
+        raise AssertionError("graph without output")  # pragma: no cover
+
     # -- execution ------------------------------------------------------------------------------
 
     def run(
@@ -1045,9 +1189,13 @@ class IncrementalOcclusion:
         input_patch: torch.Tensor,
         chunk: slice,
         feature_channel: int | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        stop: int | None = None,
+    ) -> tuple[Any, torch.Tensor | None]:
         """Logits ``[B, K]`` and the probed channel's spatial sums ``[B]`` (float64) for the
-        positions ``chunk`` of the plan; ``input_patch`` is the painted input box of each."""
+        positions ``chunk`` of the plan; ``input_patch`` is the painted input box of each.
+        With ``stop`` (a :meth:`tail_start` valid for this plan), the run ends before that node
+        and returns the values :meth:`run_tail` continues from instead of the logits (and the
+        sums when the probed layer comes before ``stop``, else None)."""
         cached = image.values
         pads_memo = image.pads
         vals: dict[fx.Node, Any] = {}
@@ -1084,6 +1232,8 @@ class IncrementalOcclusion:
             return self._call(n, args, kwargs)
 
         for i, n in enumerate(self.nodes):
+            if i == stop:
+                return {a: full(a) for a in self.tail_inputs(stop)}, feature
             action, extra = plan.actions[n]
             if action == "const":
                 vals[n] = cached[n]
@@ -1100,7 +1250,7 @@ class IncrementalOcclusion:
                 vals[n] = self._call(n, args, kwargs)
             elif action == "meta":
                 vals[n] = shape_query(n)
-            elif action == "run_folded":
+            elif action in ("run_folded", "run_linear"):
                 vals[n] = extra(full(n.args[0]))
             elif action == "alias":
                 v = vals[extra]

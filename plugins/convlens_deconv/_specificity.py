@@ -161,9 +161,37 @@ def choose_rule(
     units: int = 3,
     mode: str = "paper",
     method: str = "auto",
+    cache: bool = True,
 ) -> RuleChoice:
     """The rule to project ``layer`` with (``requested`` unless it is ``"auto"``), measured on
-    ``inputs`` (a few different photos, preprocessed). See the module docstring."""
+    ``inputs`` (a few different photos, preprocessed). See the module docstring.
+
+    The choice is a function of the weights, the layer, the images and the options: with
+    ``cache`` it is kept on disk (``_rule_cache.py``, under the convlens cache folder) and read
+    back by any later call with the same ones, in this process or another."""
+    from convlens_deconv._rule_cache import load_choice, rule_key, store_choice
+
+    key = rule_key(model, inputs, layer, requested, units, mode, method) if cache else None
+    if key is not None:
+        found = load_choice(key)
+        if found is not None:
+            return RuleChoice(**found)
+    choice = _choose_rule(model, inputs, layer, requested, units=units, mode=mode, method=method)
+    if key is not None:
+        store_choice(key, choice)
+    return choice
+
+
+def _choose_rule(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    layer: str,
+    requested: str,
+    *,
+    units: int,
+    mode: str,
+    method: str,
+) -> RuleChoice:
     act = layer_activation(model, inputs, layer)
     n = int(inputs.shape[0])
 

@@ -118,3 +118,42 @@ def test_requested_rule_is_kept_and_measured():
     choice = choose_rule(model, x, "blocks.2", "deconvnet")
     assert choice.rule == "deconvnet" and choice.reason == "requested"
     assert choice.figure == pytest.approx(1.0, abs=1e-6) and choice.warning is not None
+
+
+def test_the_choice_is_kept_on_disk_and_measured_again_when_anything_changes(tmp_path, monkeypatch):
+    import convlens_deconv._specificity as spec
+    from convlens_deconv._rule_cache import rule_key
+
+    monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path))
+    model, shape = tiny_model("chain")
+    x = torch.randn(3, *shape[1:], generator=torch.Generator().manual_seed(0))
+    layer = "features.conv3"
+    calls = []
+    measure = spec._choose_rule
+
+    def counted(*args, **kwargs):
+        calls.append(args[2])
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(spec, "_choose_rule", counted)
+    first = choose_rule(model, x, layer)
+    files = list((tmp_path / "rules").glob("*.json"))
+    assert len(calls) == 1 and len(files) == 1
+    assert files[0].stat().st_mode & 0o777 == 0o644
+    again = choose_rule(model, x, layer)  # read back, not measured
+    assert len(calls) == 1 and again == first
+    choose_rule(model, x, layer, cache=False)  # asked not to look
+    assert len(calls) == 2
+    # other images, other weights: another key, measured again
+    key = rule_key(model, x, layer, "auto", 3, "paper", "auto")
+    assert rule_key(model, x.flip(-1), layer, "auto", 3, "paper", "auto") != key
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[5] += 1e-3
+    assert rule_key(model, x, layer, "auto", 3, "paper", "auto") != key
+    choose_rule(model, x, layer)
+    assert len(calls) == 3
+    # a damaged file is measured again, not trusted
+    for f in (tmp_path / "rules").glob("*.json"):
+        f.write_text("{not json", encoding="utf-8")
+    assert choose_rule(model, x, layer).rule in ("deconvnet", "guided")
+    assert len(calls) == 4

@@ -329,12 +329,16 @@ def _class_name(model: nn.Module, idx: int) -> str:
 def write_overview(ctx: ProbeContext, out_root: Path) -> dict[str, Any]:
     """The core's own report section: the model, its top-5 predictions on the images, and its
     layers with output shapes and receptive fields."""
-    from convlens.engine import trace_model
+    from convlens.engine.recorder import record
 
     model = ctx.model
     x, paths = _first_images(ctx, 16)
+    x = x.to(ctx.device)
+    # one forward pass gives the trace (first image) and the predictions
     with torch.inference_mode():
-        logits = model(x.to(ctx.device))
+        with record(model, switches=False, trace=True) as rec:
+            first = model(x[:1])
+        logits = torch.cat([first, model(x[1:])]) if x.shape[0] > 1 else first
     preds = []
     if logits.dim() == 2:
         probs = logits.float().softmax(-1).cpu()
@@ -349,7 +353,6 @@ def write_overview(ctx: ProbeContext, out_root: Path) -> dict[str, Any]:
                     ],
                 }
             )
-    rec = trace_model(model, x[:1].to(ctx.device))
     layers = [c.to_dict() for c in rec.trace if c.leaf]
     info = getattr(model, "convlens_info", None)
     random_init = bool(getattr(info, "random_init", False))

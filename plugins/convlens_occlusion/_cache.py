@@ -57,7 +57,8 @@ class ModelEntry:
     (layer, call, full_above, fold_batchnorm), or the reason one cannot run; ``validated``: the
     engine keys whose graph reproduced the eager model's logits and layer; ``threads``: the
     sweep's thread choice per method; ``extras``: other per-model results (the deconv rule of
-    panel (c) measured on the bundled photos)."""
+    panel (c) measured on the bundled photos); ``recording``: the engine's trace of one
+    forward pass (``trace``)."""
 
     signature: tuple
     default_layer: str | None = None
@@ -67,6 +68,21 @@ class ModelEntry:
     validated: set[tuple] = field(default_factory=set)
     threads: dict[str, dict[str, Any]] = field(default_factory=dict)
     extras: dict[Any, Any] = field(default_factory=dict)
+    recording: Any = None
+
+    def trace(self, model: nn.Module, x1: torch.Tensor):
+        """The engine's trace of one forward pass (``convlens.engine.trace_model``: layer calls,
+        shapes, receptive fields), made once per model and input size; its pooling switches
+        are dropped."""
+        if self.recording is None:
+            from convlens.engine import trace_model
+
+            rec = trace_model(model, x1[:1])
+            rec.switches = {}
+            rec.activations = {}
+            rec.model = weakref.proxy(model)  # the cache must not keep the model alive
+            self.recording = rec
+        return self.recording
 
     def engine(
         self, model: nn.Module, layer: str, call: int, full_above: float, fold_batchnorm: bool

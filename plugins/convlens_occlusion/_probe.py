@@ -416,14 +416,15 @@ def _deconv_projections(ctx: ProbeContext, x: torch.Tensor, res: OcclusionMaps):
 
             ref, _ = load_batch(default_images()[:4], ctx.preprocess)
             ref = ref.to(ctx.device)
-        from convlens.engine import trace_model, unsaturated
+        from convlens.engine import unsaturated
 
         # a ReLU6 output's strongest units sit at the ceiling, where guided projects zero: seed
-        # the same channel at the ReLU6's input instead
-        layer = unsaturated(trace_model(ctx.model, xs[:1]), res.layer)
-        # the rule depends on the model and layer, not on this run's images when it is
-        # measured on the bundled photos: measured once per model (and weights) in a process
+        # the same channel at the ReLU6's input instead (the trace is the sweep's, cached)
         entry, _ = entry_for(ctx.model, xs)
+        layer = unsaturated(entry.trace(ctx.model, xs[:1]), res.layer)
+        # the rule depends on the model and layer, not on this run's images when it is
+        # measured on the bundled photos: measured once per model (and weights) in a process,
+        # and kept on disk by the deconv plugin for later processes
         key = ("deconv_rule", layer, xs.shape[0] < 2)
         choice = entry.extras.get(key) if xs.shape[0] < 2 else None
         if choice is None:
@@ -434,11 +435,18 @@ def _deconv_projections(ctx: ProbeContext, x: torch.Tensor, res: OcclusionMaps):
         ctx.note(f"occlusion panel (c) at {layer}: rule {choice.rule} (image_specificity "
                  f"{fig}): {choice.reason}")  # fmt: skip
         with ctx.progress("occlusion: deconv panel (c)", x.shape[0]) as advance:
-            act = deconv.layer_activation(ctx.model, xs, layer)
-            seeds = []
-            for i, c in enumerate(res.channels.tolist()):
-                y, x0 = divmod(int(act[i, c].reshape(-1).argmax()), act.shape[-1])
-                seeds.append(deconv.Seed(i, int(c), y, x0))
+            if layer == res.layer and res.strongest_at is not None:
+                at = res.strongest_at.tolist()  # read off the sweep's unoccluded pass
+            else:
+                act = deconv.layer_activation(ctx.model, xs, layer)
+                at = [
+                    list(divmod(int(act[i, c].reshape(-1).argmax()), act.shape[-1]))
+                    for i, c in enumerate(res.channels.tolist())
+                ]
+            seeds = [
+                deconv.Seed(i, int(c), int(at[i][0]), int(at[i][1]))
+                for i, c in enumerate(res.channels.tolist())
+            ]
             proj = deconv.project(ctx.model, xs, layer, seeds, rule=choice.rule,
                                   progress=advance)  # fmt: skip
             projections = proj.projections

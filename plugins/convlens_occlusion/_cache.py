@@ -69,19 +69,28 @@ class ModelEntry:
     threads: dict[str, dict[str, Any]] = field(default_factory=dict)
     extras: dict[Any, Any] = field(default_factory=dict)
     recording: Any = None
+    trace_output: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def trace(self, model: nn.Module, x1: torch.Tensor):
-        """The engine's trace of one forward pass (``convlens.engine.trace_model``: layer calls,
-        shapes, receptive fields), made once per model and input size; its pooling switches
-        are dropped."""
+        """The engine's trace of one forward pass in eval mode (layer calls, shapes, receptive
+        fields, as ``convlens.engine.trace_model`` records them), made once per model and input
+        size. The logits of that pass are kept with its image (``trace_output``) when the model
+        is in eval mode: the graph check compares against them instead of another pass."""
         if self.recording is None:
-            from convlens.engine import trace_model
+            from convlens.engine.recorder import record
 
-            rec = trace_model(model, x1[:1])
-            rec.switches = {}
+            was = model.training
+            model.eval()
+            try:
+                with torch.inference_mode(), record(model, switches=False, trace=True) as rec:
+                    out = model(x1[:1])
+            finally:
+                model.train(was)
             rec.activations = {}
             rec.model = weakref.proxy(model)  # the cache must not keep the model alive
             self.recording = rec
+            if not was and isinstance(out, torch.Tensor):
+                self.trace_output = (x1[:1].detach().clone(), out)
         return self.recording
 
     def engine(

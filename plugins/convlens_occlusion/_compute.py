@@ -304,7 +304,16 @@ def occlusion_maps(
                 # unoccluded pass of the first image is kept as that image's cache)
                 with phases("validate"):
                     try:
-                        logits_e, act_e = _eager_pass(model, x[:1], layer_name, ref)
+                        known = entry.trace_output
+                        if (
+                            engine.feature_is_leaf and known is not None
+                            and known[0].shape == x[:1].shape and torch.equal(known[0], x[:1])
+                        ):  # fmt: skip
+                            # the default layer's trace already ran the eager model on this
+                            # image; a leaf module's node runs that very module
+                            logits_e, act_e = known[1], None
+                        else:
+                            logits_e, act_e = _eager_pass(model, x[:1], layer_name, ref)
                         first_cache = engine.cache(x[:1])
                         _validate(engine, first_cache, logits_e, act_e, layer_name)
                         entry.validated.add(ekey)
@@ -704,6 +713,12 @@ def _validate(engine: IncrementalOcclusion, cache, logits0, act0, layer_name: st
     if not _close(out, logits0):
         raise UnsupportedModel("the traced graph's logits differ from the eager model's")
     feat = cache.values.get(engine.feature_node)
+    if act0 is None:  # a leaf module's own node: its output is the module's, on the graph's input
+        if not isinstance(feat, torch.Tensor) or feat.dim() != 4:
+            raise UnsupportedModel(
+                f"layer {layer_name!r}: its output is not a feature map [N, C, H, W]"
+            )
+        return
     if not isinstance(feat, torch.Tensor) or feat.shape != act0.shape or not _close(feat, act0):
         raise UnsupportedModel(
             f"layer {layer_name!r}: no node of the traced graph reproduces its output"

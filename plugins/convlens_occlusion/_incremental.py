@@ -594,6 +594,7 @@ class IncrementalOcclusion:
         self.input_node = next(n for n in self.nodes if n.op == "placeholder")
         self.output_node = next(n for n in self.nodes if n.op == "output")
         self.feature_node: fx.Node | None = None
+        self.feature_is_leaf = False  # the node calls the layer's module itself
         if feature_layer:
             if "/" in feature_layer:
                 self.feature_node = self._find_function_node(feature_layer, feature_call)
@@ -621,6 +622,7 @@ class IncrementalOcclusion:
         if leaf:
             if call >= len(leaf):
                 raise UnsupportedModel(f"layer {name}:{call}: the graph calls it {len(leaf)} times")
+            self.feature_is_leaf = True
             return leaf[call]
         key = name if call == 0 else f"{name}@{call}"
         inside = [n for n in self.nodes if key in (n.meta.get("nn_module_stack") or {})]

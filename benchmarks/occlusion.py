@@ -131,7 +131,7 @@ def bench(
     err = diff / max(np.abs(ref).max(), 1e-30)  # relative to the largest attribution
     err_p = diff / p_orig  # in units of the unoccluded probability
     patch = [r["node"] for r in ours.path["layers"] if r["mode"] == "patch"]
-    approx_ssim = approx_check = None
+    approx_ssim = approx_check = approx_rec = None
     if approx is not None:
         from skimage.metrics import structural_similarity
 
@@ -141,6 +141,7 @@ def bench(
             data_range=float(ex.max() - ex.min()) or 1.0,
         ))  # fmt: skip
         approx_check = approx.path["approx"]["per_image"][0]["check"]["ssim"]
+        approx_rec = approx.path["approx"]["per_image"][0]
     return {
         "model": name,
         "input": h,
@@ -160,6 +161,7 @@ def bench(
         "approx_s": min(t_approx) if t_approx else None,
         "approx_ssim": approx_ssim,
         "approx_check_ssim": approx_check,
+        "approx_record": approx_rec,
     }
 
 
@@ -324,10 +326,18 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         if r["approx_s"] is not None:
+            a = r["approx_record"]
+            blocks = ", ".join(
+                "n/a" if v is None else f"{v:.3f}" for v in a["check"]["ssim_blocks"]
+            )
             print(
-                f"{'':<20}approximate (--approx): {r['approx_s']:.2f} s, Captum/approx "
-                f"{r['captum_s'] / r['approx_s']:.2f}x; SSIM of the whole map vs exact "
-                f"{r['approx_ssim']:.3f} (its own check block: {r['approx_check_ssim']})",
+                f"{'':<20}approximate (--approx: coarse {a['coarse']}, drill {a['drill']}, "
+                f"truncate {a['truncate']:g}): {r['approx_s']:.2f} s, Captum/approx "
+                f"{r['captum_s'] / r['approx_s']:.2f}x, exact/approx "
+                f"{r['convlens_s'] / r['approx_s']:.2f}x; {a['computed_positions']['total']} of "
+                f"{a['positions']} positions computed ({a['exact_positions']} exactly); SSIM of "
+                f"the whole map vs exact {r['approx_ssim']:.3f} (check blocks: {blocks}; "
+                f"{'meets' if a['meets_target'] else 'MISSES'} {a['target_ssim']})",
                 flush=True,
             )
         if r["batched_s"] is not None:

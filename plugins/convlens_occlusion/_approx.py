@@ -1,26 +1,32 @@
 """Approximate occlusion maps with a stated error: Krypton's adaptive drill-down.
 
-Krypton (Nakandala, Kumar & Papakonstantinou, SIGMOD 2019, Section 4.2) first runs the occluder
-at a coarse stride and then at the fine stride only where the map changes. Here, on the fine grid
-of the run (``--stride``):
+Krypton (Nakandala, Kumar & Papakonstantinou, SIGMOD 2019, Section 4) first runs the occluder
+at a coarse stride and then at the fine stride only where the map changes, and caps how far the
+change may spread through the layers. Here, on the fine grid of the run (``--stride``):
 
 1. **coarse**: every ``coarse``-th row and column of positions (and the last row and column) are
-   computed exactly (by the exact incremental or batched path);
+   computed, with **projective-field truncation** at τ = ``truncate`` on the incremental path
+   (``_incremental.py``: at every convolution, pooling window, residual sum or concatenation a
+   position's changed box is capped at ``⌈τ·H⌉`` × ``⌈τ·W⌉`` units of the ``H``×``W`` map,
+   centred on the untruncated box and clamped inside the map; the rest reads the unoccluded
+   image's values; τ = 1 is exact);
 2. the rest of the map — every logit and the feature activity — is interpolated bilinearly between
    them;
 3. **drill-down**: the cells of the coarse lattice whose four corners differ most in the target's
-   probability are computed exactly, most-changing first, until ``drill`` of all positions have
-   been added;
+   probability are computed (truncated, as in 1), most-changing first, until ``drill`` of all
+   positions have been added;
 4. **the stated error**: blocks of 7 × 7 positions (smaller where the grid is), chosen at random
-   (seeded; as many as cover about ``check`` = 15 % of the positions, at least one), are
-   computed exactly after the map is predicted, and the SSIM (scikit-image's
-   ``structural_similarity``, 7 × 7 window or the largest odd one that fits, ``data_range`` the
-   range of the exact target probabilities computed) of each predicted block against the exact
-   one is measured; the worst block is the run's quality figure. A map whose figure is below ``target`` is reported as missing the
-   target (``meets_target: false`` and a warning), never as a good approximation. The exact
-   values of the blocks then replace the predicted ones.
+   (seeded; as many as cover about ``check`` of the positions, at least one), are predicted
+   (interpolated, or computed with truncation) and then computed **exactly** (τ = 1, whatever
+   ``truncate`` is), and the SSIM (scikit-image's ``structural_similarity``, 7 × 7 window or the
+   largest odd one that fits, ``data_range`` the range of the target probabilities computed) of
+   each predicted block against the exact one is measured; the worst block is the run's quality
+   figure. A map whose figure is below ``target`` is reported as missing the target
+   (``meets_target: false`` and a warning), never as a good approximation. The exact values of
+   the blocks then replace the predicted ones.
 
-Krypton's other approximation, projective-field truncation, is not implemented.
+Defaults (``COARSE``, ``DRILL``, ``CHECK``, ``TRUNCATE``) were chosen by measuring the whole map's
+SSIM against the exact map (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations

@@ -1,26 +1,32 @@
 """Approximate occlusion maps with a stated error: Krypton's adaptive drill-down.
 
-Krypton (Nakandala, Kumar & Papakonstantinou, SIGMOD 2019, Section 4.2) first runs the occluder
-at a coarse stride and then at the fine stride only where the map changes. Here, on the fine grid
-of the run (``--stride``):
+Krypton (Nakandala, Kumar & Papakonstantinou, SIGMOD 2019, Section 4) first runs the occluder
+at a coarse stride and then at the fine stride only where the map changes, and caps how far the
+change may spread through the layers. Here, on the fine grid of the run (``--stride``):
 
 1. **coarse**: every ``coarse``-th row and column of positions (and the last row and column) are
-   computed exactly (by the exact incremental or batched path);
+   computed, with **projective-field truncation** at τ = ``truncate`` on the incremental path
+   (``_incremental.py``: at every convolution, pooling window, residual sum or concatenation a
+   position's changed box is capped at ``⌈τ·H⌉`` × ``⌈τ·W⌉`` units of the ``H``×``W`` map,
+   centred on the untruncated box and clamped inside the map; the rest reads the unoccluded
+   image's values; τ = 1 is exact);
 2. the rest of the map — every logit and the feature activity — is interpolated bilinearly between
    them;
 3. **drill-down**: the cells of the coarse lattice whose four corners differ most in the target's
-   probability are computed exactly, most-changing first, until ``drill`` of all positions have
-   been added;
+   probability are computed (truncated, as in 1), most-changing first, until ``drill`` of all
+   positions have been added;
 4. **the stated error**: blocks of 7 × 7 positions (smaller where the grid is), chosen at random
-   (seeded; as many as cover about ``check`` = 15 % of the positions, at least one), are
-   computed exactly after the map is predicted, and the SSIM (scikit-image's
-   ``structural_similarity``, 7 × 7 window or the largest odd one that fits, ``data_range`` the
-   range of the exact target probabilities computed) of each predicted block against the exact
-   one is measured; the worst block is the run's quality figure. A map whose figure is below ``target`` is reported as missing the
-   target (``meets_target: false`` and a warning), never as a good approximation. The exact
-   values of the blocks then replace the predicted ones.
+   (seeded; as many as cover about ``check`` of the positions, at least one), are predicted
+   (interpolated, or computed with truncation) and then computed **exactly** (τ = 1, whatever
+   ``truncate`` is), and the SSIM (scikit-image's ``structural_similarity``, 7 × 7 window or the
+   largest odd one that fits, ``data_range`` the range of the target probabilities computed) of
+   each predicted block against the exact one is measured; the worst block is the run's quality
+   figure. A map whose figure is below ``target`` is reported as missing the target
+   (``meets_target: false`` and a warning), never as a good approximation. The exact values of
+   the blocks then replace the predicted ones.
 
-Krypton's other approximation, projective-field truncation, is not implemented.
+Defaults (``COARSE``, ``DRILL``, ``CHECK``, ``TRUNCATE``) were chosen by measuring the whole map's
+SSIM against the exact map (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -34,7 +40,13 @@ import torch
 
 from ._grid import OcclusionGrid
 
-__all__ = ["SubGrid", "approximate_image", "ssim"]
+__all__ = ["SubGrid", "approximate_image", "ssim", "COARSE", "DRILL", "CHECK", "TRUNCATE"]
+
+#: Defaults of ``--approx`` (measured: ``docs/benchmarks.md``).
+COARSE = 2
+DRILL = 0.2
+CHECK = 0.15
+TRUNCATE = 0.75
 
 
 @dataclass(frozen=True)
@@ -108,42 +120,50 @@ def approximate_image(
     drill: float,
     quality: float,
     seed: int,
-    check: float = 0.15,
+    check: float = CHECK,
+    fast: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    truncate: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Logits ``[P, K]`` (float32) and feature activity ``[P]`` (float64) over ``grid``, exact at
-    the positions computed (``exact(index) -> (logits, feature)``) and interpolated elsewhere,
-    and the record of the run (module docstring)."""
+    """Logits ``[P, K]`` (float32) and feature activity ``[P]`` (float64) over ``grid``:
+    computed at the coarse and drill-down positions by ``fast(index) -> (logits, feature)``
+    (projective-field truncation at τ = ``truncate``; ``exact`` itself when None), interpolated
+    elsewhere, and exact (``exact(index)``, τ = 1) on the check blocks; and the record of the run
+    (module docstring)."""
     rows, cols = grid.shape
     positions = rows * cols
-    done = np.zeros(positions, dtype=bool)
+    fast = fast or exact
+    truncated = fast is not exact
+    done = np.zeros(positions, dtype=bool)  # computed (truncated or exact)
+    is_exact = np.zeros(positions, dtype=bool)  # computed exactly
     logits: torch.Tensor | None = None
     feature = torch.zeros(positions, dtype=torch.float64)
 
-    def compute(index: np.ndarray) -> None:
+    def compute(index: np.ndarray, exactly: bool) -> int:
         nonlocal logits
-        index = index[~done[index]]
+        index = index[~(is_exact if exactly else done)[index]]
         if not len(index):
-            return
-        lg, ft = exact(index)
+            return 0
+        lg, ft = (exact if exactly else fast)(index)
         if logits is None:
             logits = torch.zeros((positions, lg.shape[1]), dtype=torch.float64)
         logits[index] = lg.double()
         feature[index] = ft.double()
         done[index] = True
+        is_exact[index] |= exactly or not truncated
+        return len(index)
 
     # 1. the coarse lattice
     ry, rx = _lattice(rows, coarse), _lattice(cols, coarse)
     lattice = (ry[:, None] * cols + rx[None, :]).reshape(-1)
-    compute(lattice)
-    n_coarse = int(done.sum())
+    n_coarse = compute(lattice, False)
     # 2. interpolate everything between lattice points
     grid_l = logits.view(rows, cols, -1)[ry][:, rx]
     grid_f = feature.view(rows, cols)[ry][:, rx]
     pred_l = _interp_axis(_interp_axis(grid_l, ry, rows, 0), rx, cols, 1).reshape(positions, -1)
     pred_f = _interp_axis(_interp_axis(grid_f, ry, rows, 0), rx, cols, 1).reshape(positions)
-    exact_mask = done.copy()
-    logits = torch.where(torch.as_tensor(exact_mask)[:, None], logits, pred_l)
-    feature = torch.where(torch.as_tensor(exact_mask), feature, pred_f)
+    lattice_mask = torch.as_tensor(done.copy())
+    logits = torch.where(lattice_mask[:, None], logits, pred_l)
+    feature = torch.where(lattice_mask, feature, pred_f)
     # 3. drill down where the target's probability changes most across a coarse cell
     prob_l = grid_l.softmax(-1)[..., target].numpy()
     cells = []
@@ -162,9 +182,9 @@ def approximate_image(
         for i in (r[:, None] * cols + c[None, :]).reshape(-1):
             if not done[i]:
                 chosen[int(i)] = None
-    compute(np.asarray(list(chosen)[:budget], dtype=np.int64))
-    n_drill = int(done.sum()) - n_coarse
-    # 4. the stated error: random blocks, predicted first, then computed exactly
+    n_drill = compute(np.asarray(list(chosen)[:budget], dtype=np.int64), False)
+    # 4. the stated error: random blocks, predicted first (interpolated, or computed with
+    # truncation), then computed exactly (τ = 1)
     rng = np.random.default_rng(seed)
     bh, bw = min(rows, 7), min(cols, 7)
     n_blocks = max(1, int(round(check * positions / (bh * bw))))
@@ -175,7 +195,7 @@ def approximate_image(
         idx = np.arange(r0, r0 + bh)[:, None] * cols + np.arange(c0, c0 + bw)[None, :]
         blocks.append(([r0, c0, r0 + bh, c0 + bw], idx.reshape(-1)))
         predicted.append(logits[idx.reshape(-1)].softmax(-1)[:, target].numpy().reshape(bh, bw))
-    compute(np.unique(np.concatenate([b[1] for b in blocks])))
+    n_check = compute(np.unique(np.concatenate([b[1] for b in blocks])), True)
     seen = logits[torch.as_tensor(done)].softmax(-1)[:, target].numpy()
     data_range = float(seen.max() - seen.min()) or 1.0
     figures = []
@@ -186,19 +206,21 @@ def approximate_image(
     figure = None if any(f is None for f in figures) else min(figures)
     meets = figure is not None and figure >= quality
     record = {
-        "method": "adaptive drill-down (Krypton SIGMOD 2019, Sec. 4.2); no projective-field "
-        "truncation",
+        "method": "adaptive drill-down (Krypton SIGMOD 2019, Sec. 4.2)"
+        + (f" with projective-field truncation, tau {truncate:g} (Sec. 4.1)" if truncated else ""),
         "coarse": coarse,
         "drill": drill,
+        "truncate": float(truncate) if truncated else 1.0,
         "target_ssim": quality,
         "seed": seed,
         "positions": positions,
-        "exact_positions": {
+        "computed_positions": {
             "coarse": n_coarse,
             "drill": n_drill,
-            "check": int(done.sum()) - n_coarse - n_drill,
+            "check": n_check,
             "total": int(done.sum()),
         },
+        "exact_positions": int(is_exact.sum()),
         "check": {
             "blocks": [b[0] for b in blocks],
             "map": "prob_target",

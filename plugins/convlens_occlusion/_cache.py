@@ -54,7 +54,8 @@ class ModelEntry:
     ``default_layer``: Fig. 7's layer (b) when none is given; ``max_numel``: the largest
     per-image activation (to size batched forwards); ``traced``: the ``torch.fx`` graph
     and its opaque submodules, or the reason tracing failed; ``engines``: incremental engines by
-    (layer, call, full_above, fold_batchnorm), or the reason one cannot run; ``validated``: the
+    (layer, call, full_above, fold_batchnorm, truncate), or the reason one cannot run (engines
+    share the traced graph, so an image's unoccluded pass serves all of them); ``validated``: the
     engine keys whose graph reproduced the eager model's logits and layer; ``threads``: the
     sweep's thread choice per method; ``extras``: other per-model results (the deconv rule of
     panel (c) measured on the bundled photos); ``recording``: the engine's trace of one
@@ -94,12 +95,18 @@ class ModelEntry:
         return self.recording
 
     def engine(
-        self, model: nn.Module, layer: str, call: int, full_above: float, fold_batchnorm: bool
+        self,
+        model: nn.Module,
+        layer: str,
+        call: int,
+        full_above: float,
+        fold_batchnorm: bool,
+        truncate: float = 1.0,
     ) -> tuple[IncrementalOcclusion, tuple, bool]:
         """The engine for this layer and settings, ``(engine, key, cached)``; raises
         :class:`UnsupportedModel` (again, from the cache) when the model cannot run
-        incrementally."""
-        key = (layer, int(call), float(full_above), bool(fold_batchnorm))
+        incrementally. ``truncate``: projective-field threshold τ (1: exact)."""
+        key = (layer, int(call), float(full_above), bool(fold_batchnorm), float(truncate))
         found = self.engines.get(key)
         if isinstance(found, UnsupportedModel):
             raise found
@@ -114,8 +121,9 @@ class ModelEntry:
             if isinstance(self.traced, UnsupportedModel):
                 raise self.traced
             engine = IncrementalOcclusion(
-                model, layer, call, full_above, fold_batchnorm, traced=self.traced
-            )
+                model, layer, call, full_above, fold_batchnorm, traced=self.traced,
+                truncate=truncate,
+            )  # fmt: skip
         except UnsupportedModel as exc:
             self.engines[key] = exc
             raise

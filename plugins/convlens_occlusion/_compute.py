@@ -12,6 +12,7 @@ supported.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -25,11 +26,17 @@ from torch import nn
 from convlens.engine import record, resolve_layer, top_conv_layer, trace_model
 from convlens.errors import ConvlensError
 
-from ._approx import SubGrid, approximate_image
+from ._approx import CHECK, COARSE, DRILL, TRUNCATE, SubGrid, approximate_image
 from ._cache import entry_for
 from ._flops import flop_report
 from ._grid import OcclusionGrid, default_window, fill_tensor, paint
-from ._incremental import Geom, IncrementalOcclusion, UnsupportedModel, _node_label
+from ._incremental import (
+    Geom,
+    IncrementalOcclusion,
+    UnsupportedModel,
+    _node_label,
+    check_truncate,
+)
 
 __all__ = [
     "OcclusionMaps",
@@ -206,11 +213,12 @@ def occlusion_maps(
     return_logits: bool = False,
     progress: Callable[[int], None] | None = None,
     approx: bool = False,
-    approx_coarse: int = 2,
-    approx_drill: float = 0.25,
+    approx_coarse: int = COARSE,
+    approx_drill: float = DRILL,
     approx_ssim: float = 0.9,
     approx_seed: int = 0,
-    approx_check: float = 0.15,
+    approx_check: float = CHECK,
+    approx_truncate: float = TRUNCATE,
     group_positions: int = 4,
 ) -> OcclusionMaps:
     """Slide a square over every image of ``inputs`` (``[N, 3, H, W]``, model input space) and
@@ -237,8 +245,12 @@ def occlusion_maps(
     ``approx_coarse``-th row and column of positions, interpolation between them, exact values
     again where the target's probability changes most (``approx_drill`` of the positions), and
     the SSIM of the predicted map against exact values on random 7 × 7 blocks of positions
-    (``approx_seed``; about ``approx_check`` of the positions; the worst block counts), checked against ``approx_ssim`` (``path["approx"]``; a miss warns with
-    :class:`OcclusionApproxWarning`).
+    (``approx_seed``; about ``approx_check`` of the positions; the worst block counts), checked
+    against ``approx_ssim`` (``path["approx"]``; a miss warns with
+    :class:`OcclusionApproxWarning`). ``approx_truncate``: on the incremental path the coarse and
+    drill-down positions run with Krypton's projective-field truncation at this threshold τ
+    (each layer's changed box capped at ``⌈τ·H⌉`` × ``⌈τ·W⌉`` of its map; 1: exact); the check
+    blocks always run exactly.
     """
     if method not in METHODS:
         raise ConvlensError(f"occlusion method {method!r}: choose one of {', '.join(METHODS)}")
@@ -249,6 +261,7 @@ def occlusion_maps(
         raise ConvlensError(
             "occlusion approx: coarse must be at least 2, drill in [0, 1], ssim in (0, 1]"
         )
+    approx_truncate = check_truncate(approx_truncate)
     if batch_size is not None and batch_size < 1:
         raise ConvlensError(f"occlusion batch_size {batch_size}: must be at least 1")
     if model.training:
@@ -323,6 +336,14 @@ def occlusion_maps(
                             raise
                         reason = str(exc)
                         engine, first_cache = None, None
+
+        fast_engine: IncrementalOcclusion | None = None
+        if approx and engine is not None and approx_truncate < 1.0:
+            # the same traced graph (and unoccluded pass) with projective-field truncation
+            with phases("trace"):
+                fast_engine, _, _ = entry.engine(
+                    model, ref.name, ref.call or 0, full_above, fold_batchnorm, approx_truncate
+                )
 
         eager_logits = eager_act = None
         if engine is None:
@@ -405,7 +426,7 @@ def occlusion_maps(
 
                 def exact(
                     index, i=i, c_i=c_i, cache=cache, lg_out=None, ft_out=None,
-                    num_classes=num_classes, per_batch=per_batch, groups=groups,
+                    num_classes=num_classes, per_batch=per_batch, groups=groups, eng=None,
                     shared=shared_tail,
                 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
                     sub = grid if index is None else SubGrid(grid, index)
@@ -423,9 +444,22 @@ def occlusion_maps(
                             )  # fmt: skip
                             per_batch[:] = [bs]
                         return lg_out, ft_out
+                    if index is not None and groups and len(groups) > 1:
+                        # some positions (``--approx``): split along the same groups
+                        where = np.flatnonzero(np.isin(index, groups[0]))
+                        if len(where) < len(index):
+                            for g in groups:
+                                where = np.flatnonzero(np.isin(index, g))
+                                if len(where):
+                                    lg_g, ft_g = exact(index[where], i=i, c_i=c_i, cache=cache,
+                                                       groups=None, eng=eng)  # fmt: skip
+                                    wi = torch.as_tensor(where)
+                                    lg_out[wi], ft_out[wi] = lg_g, ft_g
+                            return lg_out, ft_out
                     if engine is not None and cache is not None:
                         bs = _sweep_incremental(
-                            engine, cache, x[i], sub, fill_t, c_i, batch_size, lg_out, ft_out,
+                            eng or engine, cache, x[i], sub, fill_t, c_i, batch_size, lg_out,
+                            ft_out,
                             advance, layers_report, tuners["incremental"],
                         )  # fmt: skip
                         per_batch[:] = [bs]
@@ -440,9 +474,13 @@ def occlusion_maps(
 
                 with phases("sweep"):
                     if approx:
+                        fast = None
+                        if fast_engine is not None and cache is not None:
+                            fast = functools.partial(exact, eng=fast_engine)
                         lg_i, ft_i, rec = approximate_image(
                             grid, exact, t_i, coarse=approx_coarse, drill=approx_drill,
                             quality=approx_ssim, seed=approx_seed + i, check=approx_check,
+                            fast=fast, truncate=approx_truncate,
                         )  # fmt: skip
                         logits_all[i], feature_all[i] = lg_i, ft_i
                         approx_records.append(rec)
@@ -473,7 +511,7 @@ def occlusion_maps(
             warnings.warn(
                 f"occlusion approx: the approximate map of image(s) {misses} misses the target "
                 f"SSIM {approx_ssim} on its exact check block ({figs}): not a good approximation;"
-                " lower --approx-coarse or raise --approx-drill, or run exact",
+                " lower --approx-coarse, raise --approx-drill or --approx-truncate, or run exact",
                 OcclusionApproxWarning,
                 stacklevel=2,
             )
@@ -818,6 +856,8 @@ class _Tail:
 def _tail_for(engine, cache, plans, threads: int | None) -> _Tail | None:
     """A :class:`_Tail` for the positions of ``plans`` (the groups of one grid), split where
     all of them run in full; None when there is no such split."""
+    if engine._shapes is None:
+        engine.note_shapes(cache.values)
     starts = [engine.tail_start(p) for p in plans]
     if not starts or any(t is None for t in starts):
         return None

@@ -60,6 +60,20 @@ class UnsupportedModel(ConvlensError):
     """The incremental path cannot run this model (the batched path still can)."""
 
 
+def check_truncate(truncate: Any) -> float:
+    """τ of projective-field truncation as a float in (0, 1], or a one-line error."""
+    try:
+        value = float(truncate)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0.0 < value <= 1.0:  # also rejects NaN
+        raise ConvlensError(
+            f"occlusion truncate {truncate!r}: the projective-field threshold must lie in (0, 1] "
+            "(1 = exact)"
+        )
+    return value
+
+
 # --------------------------------------------------------------------------------------------
 # Tracing
 # --------------------------------------------------------------------------------------------
@@ -440,6 +454,16 @@ class Geom:
     H: int
     W: int
     nhwc: bool = False  # the map is channels-last in its shape, ``[N, H, W, C]`` (ConvNeXt)
+    #: with projective-field truncation only: per position the changed box itself, (first unit,
+    #: length) per axis; the patch ``h``×``w`` at ``(oy, ox)`` contains it
+    box_y: tuple[torch.Tensor, torch.Tensor] | None = None
+    box_x: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def boxes(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """Per position the changed box, ``((y0, h), (x0, w))`` (the patch when not tracked)."""
+        by = self.box_y or (self.oy, torch.full_like(self.oy, self.h))
+        bx = self.box_x or (self.ox, torch.full_like(self.ox, self.w))
+        return by, bx
 
     @property
     def fraction(self) -> float:
@@ -458,6 +482,15 @@ def _floordiv(a: torch.Tensor, b: int) -> torch.Tensor:
     return torch.div(a, b, rounding_mode="floor")
 
 
+def _axis_box(o: torch.Tensor, size: int, k: int, s: int, d: int, pad: int, out_size: int):
+    """Output rows changed by input rows ``[o, o + size)``, per position: first row and count."""
+    lo = -_floordiv(-(o + pad - d * (k - 1)), s)  # ceil
+    hi = _floordiv(o + size - 1 + pad, s)
+    lo_c = lo.clamp(0, out_size - 1)
+    hi_c = hi.clamp(0, out_size - 1)
+    return lo_c, (hi_c - lo_c + 1).clamp_min(1)
+
+
 def _axis_out(o: torch.Tensor, size: int, k: int, s: int, d: int, pad: int, out_size: int):
     """Output rows changed by input rows ``[o, o + size)``: per-position origin and common size."""
     lo = -_floordiv(-(o + pad - d * (k - 1)), s)  # ceil
@@ -474,6 +507,29 @@ def _union_axis(oa, ha, ob, hb, size):
     lo = torch.minimum(oa, ob)
     hi = torch.maximum(oa + ha, ob + hb)
     count = min(int((hi - lo).max()), size)
+    return lo.clamp(max=size - count), count
+
+
+def truncation_cap(truncate: float, size: int) -> int:
+    """Krypton's projective-field threshold on one axis of a map of ``size`` units: a changed
+    box may span at most ``⌈τ · size⌉`` units (at least one)."""
+    return max(1, min(size, math.ceil(truncate * size - 1e-9)))
+
+
+def _truncate_axis(lo: torch.Tensor, length: torch.Tensor, cap: int, size: int):
+    """Projective-field truncation on one axis (Krypton SIGMOD 2019, Sec. 4): per position the
+    changed box ``[lo, lo + length)``; a box longer than ``cap`` units is cut to the ``cap`` units
+    centred on it (clamped inside the map), a shorter one is kept. Returns first units and
+    lengths."""
+    cut = length > cap
+    centred = (lo + torch.div(length - cap, 2, rounding_mode="floor")).clamp(0, size - cap)
+    return torch.where(cut, centred, lo), length.clamp(max=cap)
+
+
+def _common(lo: torch.Tensor, length: torch.Tensor, size: int) -> tuple[torch.Tensor, int]:
+    """One patch size for all positions (the longest box) and per position an origin whose
+    patch contains the position's box."""
+    count = int(length.max()) if length.numel() else 1
     return lo.clamp(max=size - count), count
 
 
@@ -531,6 +587,8 @@ class _Plan:
     report: list[NodeReport] = field(default_factory=list)
     folded: int = 0
     tail: int | None = None  # first node of the tail (``tail_start``; -1: none), once known
+    #: nodes whose changed box projective-field truncation cut for at least one position
+    truncated: list[fx.Node] = field(default_factory=list)
 
 
 def _contains_tensor(v: Any) -> bool:
@@ -568,6 +626,10 @@ class IncrementalOcclusion:
     op, and its call index) whose per-channel spatial sums are read at every position;
     ``full_above``: the fraction of a map above which a layer runs in full instead of on patches;
     ``fold_batchnorm``: fold each eval-mode BatchNorm into the convolution that alone feeds it.
+    ``truncate``: Krypton's projective-field threshold τ in (0, 1]: where a window (convolution,
+    pooling), a sum or a concatenation would change more than ``⌈τ·H⌉`` rows or ``⌈τ·W⌉``
+    columns of its ``H``×``W`` map at a position, only that many, centred on the changed box, are
+    computed and the rest is read from the unoccluded image (an approximation; 1: exact).
 
     Use: ``image = engine.cache(x1)``, ``plan = engine.plan(image, geom)``, then
     ``engine.run(image, plan, painted_input_boxes, positions, channel)`` per batch.
@@ -581,9 +643,12 @@ class IncrementalOcclusion:
         full_above: float = 0.7,
         fold_batchnorm: bool = True,
         traced: tuple[fx.Graph, list[str]] | None = None,
+        truncate: float = 1.0,
     ) -> None:
         if not 0.0 <= full_above <= 1.0:
             raise ConvlensError(f"full_above {full_above!r}: must lie in [0, 1]")
+        check_truncate(truncate)
+        self.truncate = float(truncate)
         # held weakly: engines are cached per model (``_cache.py``) and must not keep it alive
         self._model_ref = weakref.ref(model)
         self.full_above = float(full_above)
@@ -610,6 +675,7 @@ class IncrementalOcclusion:
         self._linears: dict[fx.Node, _Linear | None] = {}
         # shapes of the unoccluded pass's values (None: not a tensor), to check tail splits
         self._shapes: dict[fx.Node, tuple[int, ...] | None] | None = None
+        self._truncating: list[fx.Node] = []
 
     @property
     def model(self) -> nn.Module | None:
@@ -729,10 +795,16 @@ class IncrementalOcclusion:
         if not self._checked_inplace:
             self._check_inplace(storage)
             self._checked_inplace = True
-        self._shapes = {
-            n: tuple(v.shape) if isinstance(v, torch.Tensor) else None for n, v in cached.items()
-        }
+        self.note_shapes(cached)
         return ImageCache(cached)
+
+    def note_shapes(self, values: dict[fx.Node, Any]) -> None:
+        """Remember the shapes of an unoccluded pass's values (which values crossing a tail
+        split are batches of rows); an engine planning on another engine's cache (the
+        truncated one of ``--approx``) is told them this way."""
+        self._shapes = {
+            n: tuple(v.shape) if isinstance(v, torch.Tensor) else None for n, v in values.items()
+        }
 
     def _check_inplace(self, storage: dict[fx.Node, int]) -> None:
         """An in-place op is safe here when no other value sharing its input's memory is read
@@ -772,6 +844,7 @@ class IncrementalOcclusion:
             self._plan = self._plans[key]
             return self._plan
         plan = _Plan()
+        self._truncating = plan.truncated
         cached = image.values
         kind: dict[fx.Node, Any] = {}
         thr = self.full_above
@@ -861,6 +934,7 @@ class IncrementalOcclusion:
                     plan.report.append(
                         NodeReport(_node_label(n), action[0], "full", 1.0, tuple(value.shape))
                     )
+        plan.truncated[:] = [n for n in plan.truncated if n in plan.geoms]  # not those run full
         self._plan = self._plans[key] = plan
         while len(self._plans) > PLANS_KEPT:
             self._plans.popitem(last=False)
@@ -935,7 +1009,8 @@ class IncrementalOcclusion:
         value = cached[n]
         if _is_shape_query(n):  # answered from a meta tensor of the full batch shape
             return ("meta", None), None
-        concat = self._plan_cat(n, kind, value, thr)
+        union = self._truncated_union if self.truncate < 1.0 else None
+        concat = self._plan_cat(n, kind, value, thr, union)
         if concat is not None:
             return concat
         if not (isinstance(value, torch.Tensor) and value.dim() == 4 and first_is_patch):
@@ -945,7 +1020,8 @@ class IncrementalOcclusion:
         if dims is not None and others_const:  # NCHW <-> NHWC (ConvNeXt's blocks)
             to_nhwc, to_nchw = dims == (0, 2, 3, 1), dims == (0, 3, 1, 2)
             if (to_nhwc and not g_in.nhwc) or (to_nchw and g_in.nhwc):
-                g = Geom(g_in.h, g_in.w, g_in.oy, g_in.ox, g_in.H, g_in.W, to_nhwc)
+                g = Geom(g_in.h, g_in.w, g_in.oy, g_in.ox, g_in.H, g_in.W, to_nhwc,
+                         g_in.box_y, g_in.box_x)  # fmt: skip
                 return ("permute", dims), g
             return ("run", None), None
         if g_in.nhwc:  # channels last in the shape: only ops over the channel axis stay per pixel
@@ -958,13 +1034,25 @@ class IncrementalOcclusion:
             win = _window_of(n, module, const, folded)
             if win is not None:
                 H, W = value.shape[-2:]
-                oy, h = _axis_out(
-                    g_in.oy, g_in.h, win.kernel[0], win.stride[0], win.dilation[0], win.pad[0], H
-                )
-                ox, w = _axis_out(
-                    g_in.ox, g_in.w, win.kernel[1], win.stride[1], win.dilation[1], win.pad[1], W
-                )
-                g = Geom(h, w, oy, ox, H, W)
+                if self.truncate < 1.0:
+                    (y0, hy), (x0, wx) = g_in.boxes()
+                    y0, hy = _axis_box(
+                        y0, hy, win.kernel[0], win.stride[0], win.dilation[0], win.pad[0], H
+                    )
+                    x0, wx = _axis_box(
+                        x0, wx, win.kernel[1], win.stride[1], win.dilation[1], win.pad[1], W
+                    )
+                    g = self._truncated(n, y0, hy, x0, wx, H, W)
+                else:
+                    oy, h = _axis_out(
+                        g_in.oy, g_in.h, win.kernel[0], win.stride[0], win.dilation[0],
+                        win.pad[0], H,
+                    )  # fmt: skip
+                    ox, w = _axis_out(
+                        g_in.ox, g_in.w, win.kernel[1], win.stride[1], win.dilation[1],
+                        win.pad[1], W,
+                    )  # fmt: skip
+                    g = Geom(h, w, oy, ox, H, W)
                 pads = self._pads(win, base_in.shape[-2:], (H, W))
                 if pads is None or g.fraction > thr:
                     return ("run", None), None
@@ -995,13 +1083,36 @@ class IncrementalOcclusion:
                 and cached[a].shape == cached[b].shape == value.shape
             ):  # fmt: skip
                 ga, gb = kind[a], kind[b]
-                oy, h = _union_axis(ga.oy, ga.h, gb.oy, gb.h, ga.H)
-                ox, w = _union_axis(ga.ox, ga.w, gb.ox, gb.w, ga.W)
-                g = Geom(h, w, oy, ox, ga.H, ga.W)
+                if self.truncate < 1.0:
+                    g = self._truncated_union(n, ga, gb)
+                else:
+                    oy, h = _union_axis(ga.oy, ga.h, gb.oy, gb.h, ga.H)
+                    ox, w = _union_axis(ga.ox, ga.w, gb.ox, gb.w, ga.W)
+                    g = Geom(h, w, oy, ox, ga.H, ga.W)
                 if g.fraction > thr:
                     return ("run", None), None
                 return ("union", None), g
         return ("run", None), None
+
+    def _truncated(self, n, y0, hy, x0, wx, H: int, W: int) -> Geom:
+        """The geometry of a node whose changed boxes (per position, ``y0``/``hy`` rows and
+        ``x0``/``wx`` columns) projective-field truncation caps at ``⌈τ·H⌉`` × ``⌈τ·W⌉``."""
+        cap_h, cap_w = truncation_cap(self.truncate, H), truncation_cap(self.truncate, W)
+        if bool((hy > cap_h).any() or (wx > cap_w).any()) and n not in self._truncating:
+            self._truncating.append(n)
+        y0, hy = _truncate_axis(y0, hy, cap_h, H)
+        x0, wx = _truncate_axis(x0, wx, cap_w, W)
+        oy, h = _common(y0, hy, H)
+        ox, w = _common(x0, wx, W)
+        return Geom(h, w, oy, ox, H, W, box_y=(y0, hy), box_x=(x0, wx))
+
+    def _truncated_union(self, n, ga: Geom, gb: Geom) -> Geom:
+        """The union of two changed boxes per position, truncated (see :meth:`_truncated`)."""
+        (ay, ah), (ax, aw) = ga.boxes()
+        (by, bh), (bx, bw) = gb.boxes()
+        y0, x0 = torch.minimum(ay, by), torch.minimum(ax, bx)
+        y1, x1 = torch.maximum(ay + ah, by + bh), torch.maximum(ax + aw, bx + bw)
+        return self._truncated(n, y0, y1 - y0, x0, x1 - x0, ga.H, ga.W)
 
     def _pointwise_nhwc(self, n, module, const, cached, others, value) -> bool:
         """Per pixel on a ``[N, H, W, C]`` map: LayerNorm and ``Linear`` over the last axis,
@@ -1024,7 +1135,7 @@ class IncrementalOcclusion:
         return self._pointwise(n, module, const, cached, others)
 
     @staticmethod
-    def _plan_cat(n: fx.Node, kind, value, thr):
+    def _plan_cat(n: fx.Node, kind, value, thr, truncated_union=None):
         """``torch.cat`` of changed maps along channels (DenseNet's dense blocks): the output
         changes in the union of the inputs' boxes; each input is re-cut to it."""
         if not (n.op == "call_function" and n.target is torch.cat):
@@ -1042,6 +1153,9 @@ class IncrementalOcclusion:
             h = kind[a]
             if (h.H, h.W) != (g.H, g.W):
                 return ("run", None), None
+            if truncated_union is not None:
+                g = truncated_union(n, g, h)
+                continue
             oy, hh = _union_axis(g.oy, g.h, h.oy, h.h, g.H)
             ox, ww = _union_axis(g.ox, g.w, h.ox, h.w, g.W)
             g = Geom(hh, ww, oy, ox, g.H, g.W)

@@ -25,6 +25,7 @@ from convlens.probe import ProbeContext, ProbeResult, ReportSection
 from convlens.render import save_png
 from convlens.render.report import esc
 
+from ._approx import CHECK, COARSE, DRILL, TRUNCATE
 from ._cache import entry_for
 from ._compute import METHODS, OcclusionMaps, occlusion_maps
 from ._grid import OcclusionGrid, default_window
@@ -115,15 +116,18 @@ class OcclusionProbe(convlens.Probe):
                         "the changed region exceeds this fraction of its map.", min=0, max=1),
         convlens.Option("approx", bool, False, "Approximate map (Krypton's adaptive drill-down) "
                         "with its SSIM against exact values on a random block of positions."),
-        convlens.Option("approx_coarse", int, 2, "--approx: exact on every k-th row and column "
-                        "of positions.", min=2, max=64),
-        convlens.Option("approx_drill", float, 0.25, "--approx: share of positions recomputed "
-                        "exactly where the map changes most.", min=0, max=1),
+        convlens.Option("approx_coarse", int, COARSE, "--approx: computed on every k-th row and "
+                        "column of positions.", min=2, max=64),
+        convlens.Option("approx_drill", float, DRILL, "--approx: share of positions computed "
+                        "again where the map changes most.", min=0, max=1),
         convlens.Option("approx_ssim", float, 0.9, "--approx: target SSIM; a map below it is "
                         "reported as missing it.", min=0, max=1),
-        convlens.Option("approx_check", float, 0.15, "--approx: share of positions in the "
+        convlens.Option("approx_check", float, CHECK, "--approx: share of positions in the "
                         "random 7x7 blocks computed exactly to measure the SSIM.", min=0.01,
                         max=1),
+        convlens.Option("approx_truncate", float, TRUNCATE, "--approx: projective-field "
+                        "threshold tau in (0, 1] of the coarse and drill-down positions (each "
+                        "layer's changed region capped at tau of its map; 1 = exact)."),
     )  # fmt: skip
 
     # -- run ------------------------------------------------------------------------------------
@@ -146,7 +150,7 @@ class OcclusionProbe(convlens.Probe):
                 full_above=opts["full_above"], threads=opts["threads"], progress=advance,
                 approx=bool(opts["approx"]), approx_coarse=opts["approx_coarse"],
                 approx_drill=opts["approx_drill"], approx_ssim=opts["approx_ssim"],
-                approx_check=opts["approx_check"],
+                approx_check=opts["approx_check"], approx_truncate=opts["approx_truncate"],
                 approx_seed=ctx.seed,
             )  # fmt: skip
         names = class_names(ctx.model, res.num_classes)
@@ -350,15 +354,19 @@ def describe_approx(approx: dict[str, Any]) -> str:
     per = approx["per_image"]
     figs = [r["check"]["ssim"] for r in per]
     shown = ", ".join("n/a" if f is None else f"{f:.3f}" for f in figs)
-    exact = sum(r["exact_positions"]["total"] for r in per)
+    computed = sum(r["computed_positions"]["total"] for r in per)
+    exact = sum(r["exact_positions"] for r in per)
     total = sum(r["positions"] for r in per)
+    tau = per[0].get("truncate", 1.0)
     verdict = (
         "meets the target"
         if approx["meets_target"]
         else "BELOW the target: not a good approximation"
     )
     return (
-        f"approximate (adaptive drill-down): {exact} of {total} positions exact; SSIM on the "
+        "approximate (adaptive drill-down"
+        + (f", projective-field truncation tau {tau:g}" if tau < 1 else "")
+        + f"): {computed} of {total} positions computed, {exact} exactly; SSIM on the "
         f"exact check block {shown} vs target {per[0]['target_ssim']}: {verdict}"
     )
 

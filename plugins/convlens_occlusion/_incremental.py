@@ -785,7 +785,10 @@ class IncrementalOcclusion:
                 for a in writes:  # copy what the op may overwrite before it runs
                     for other in by_ptr.pop(storage[a], []):
                         cached[other] = cached[other].clone()
-                live[n] = self._call(n, args, kwargs)
+                lin = None
+                if n.op == "call_module" and self._dep[n] and not n.kwargs:
+                    lin = self._as_linear(n, self._module(n), lambda a: a, live)
+                live[n] = lin(args[0]) if lin is not None else self._call(n, args, kwargs)
             v = live[n]
             cached[n] = v
             if isinstance(v, torch.Tensor) and self._dep[n]:
@@ -955,8 +958,8 @@ class IncrementalOcclusion:
         if any(self._dep[a] for a in n.all_input_nodes if a is not first):
             return None
         weight, bias, stride, padding, dilation, groups = p
-        x, out = cached.get(first), cached.get(n)
-        if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and x.dim() == 4):
+        x = cached.get(first)
+        if not (isinstance(x, torch.Tensor) and x.dim() == 4):
             return None
         if isinstance(padding, str):
             if padding != "valid":
@@ -964,7 +967,7 @@ class IncrementalOcclusion:
             padding = 0
         if groups != 1 or _pair(dilation) != (1, 1) or _pair(padding) != (0, 0):
             return None
-        if tuple(weight.shape[-2:]) != tuple(x.shape[-2:]) or tuple(out.shape[-2:]) != (1, 1):
+        if tuple(weight.shape[-2:]) != tuple(x.shape[-2:]):  # then the output is 1x1
             return None
         self._linears[n] = _Linear(weight.reshape(weight.shape[0], -1), bias)
         return self._linears[n]

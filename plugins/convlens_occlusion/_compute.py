@@ -444,18 +444,31 @@ def occlusion_maps(
                             )  # fmt: skip
                             per_batch[:] = [bs]
                         return lg_out, ft_out
-                    if index is not None and groups and len(groups) > 1:
-                        # some positions (``--approx``): split along the same groups
-                        where = np.flatnonzero(np.isin(index, groups[0]))
-                        if len(where) < len(index):
-                            for g in groups:
-                                where = np.flatnonzero(np.isin(index, g))
-                                if len(where):
-                                    lg_g, ft_g = exact(index[where], i=i, c_i=c_i, cache=cache,
-                                                       groups=None, eng=eng)  # fmt: skip
-                                    wi = torch.as_tensor(where)
-                                    lg_out[wi], ft_out[wi] = lg_g, ft_g
-                            return lg_out, ft_out
+                    if (
+                        index is not None and groups and len(groups) > 1
+                        and engine is not None and cache is not None
+                    ):  # fmt: skip
+                        # some positions (``--approx``): split along the same groups, whose
+                        # rows meet in one tail, flushed before returning
+                        e = eng or engine
+                        parts = [np.flatnonzero(np.isin(index, g)) for g in groups]
+                        parts = [w for w in parts if len(w)]
+                        subs = [SubGrid(grid, index[w]) for w in parts]
+                        plans = [e.plan(cache, _input_geom(sg, x.device)) for sg in subs]
+                        tail = _tail_for(
+                            e, cache, plans,
+                            tuners["incremental"].explicit or tuners["incremental"].initial,
+                        )  # fmt: skip
+                        for w, sg in zip(parts, subs, strict=True):
+                            bs = _sweep_incremental(
+                                e, cache, x[i], sg, fill_t, c_i, batch_size, lg_out, ft_out,
+                                advance, layers_report, tuners["incremental"], tail=tail,
+                                out_rows=torch.as_tensor(w),
+                            )  # fmt: skip
+                            per_batch[:] = [bs]
+                        if tail is not None:
+                            tail.flush()
+                        return lg_out, ft_out
                     if engine is not None and cache is not None:
                         bs = _sweep_incremental(
                             eng or engine, cache, x[i], sub, fill_t, c_i, batch_size, lg_out,

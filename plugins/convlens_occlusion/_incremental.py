@@ -43,6 +43,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from convlens.errors import ConvlensError
 
@@ -204,6 +205,30 @@ class _Window:
     pad_value: float
     apply: Callable[[torch.Tensor], torch.Tensor]
     what: str
+
+
+class _ConvAsLinear(TorchFunctionMode):
+    """Inside a module the tracer had to keep opaque (timm's ``ConvMlp``: vgg16's fully
+    connected layers behind a shape test), run each 2-d convolution whose kernel covers its
+    whole unpadded input as the matrix product it is, as ``_as_linear`` does for traced nodes."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.conv2d:
+            b = _bind(
+                ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+                {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1},
+                args, kwargs,
+            )  # fmt: skip
+            x, w, pad = b["input"], b["weight"], b["padding"]
+            if (
+                isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and x.dim() == 4
+                and w.dim() == 4 and b["groups"] == 1 and _pair(b["dilation"]) == (1, 1)
+                and (pad == "valid" or (not isinstance(pad, str) and _pair(pad) == (0, 0)))
+                and tuple(w.shape[-2:]) == tuple(x.shape[-2:])
+            ):  # fmt: skip
+                return _Linear(w.reshape(w.shape[0], -1), b["bias"])(x)
+        return func(*args, **kwargs)
 
 
 class _Linear:
@@ -671,6 +696,7 @@ class IncrementalOcclusion:
         self._plans: OrderedDict[Any, _Plan] = OrderedDict()  # by geometry, the latest last
         self._fold_cache: dict[fx.Node, _Folded] | None = None
         self._checked_inplace = False
+        self._opaque = frozenset(self.opaque)
         self._tail_inputs: dict[int, list[fx.Node]] = {}
         self._linears: dict[fx.Node, _Linear | None] = {}
         # shapes of the unoccluded pass's values (None: not a tensor), to check tail splits
@@ -744,6 +770,9 @@ class IncrementalOcclusion:
 
     def _call(self, node: fx.Node, args: tuple, kwargs: dict) -> Any:
         if node.op == "call_module":
+            if node.target in self._opaque:
+                with _ConvAsLinear():
+                    return self.modules[node.target](*args, **kwargs)
             return self.modules[node.target](*args, **kwargs)
         if node.op == "call_function":
             return node.target(*args, **kwargs)

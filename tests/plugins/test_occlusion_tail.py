@@ -165,3 +165,52 @@ def test_strongest_unit_of_panel_c_is_read_off_the_unoccluded_pass():
         assert c == int(act[i].flatten(1).amax(1).argmax())
         y, x0 = divmod(int(act[i, c].reshape(-1).argmax()), act.shape[-1])
         assert res.strongest_at[i].tolist() == [y, x0]
+
+
+class ShapeTestedMlp(nn.Module):
+    """timm's ``ConvMlp`` in small: a shape test (untraceable by torch.fx, so the module stays
+    opaque) before a convolution whose kernel covers its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(8, 16, 6)
+        self.fc2 = nn.Conv2d(16, 12, 1)
+
+    def forward(self, x):
+        if x.shape[-1] < 6:
+            x = torch.nn.functional.adaptive_avg_pool2d(x, 6)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class OpaqueHeadNet(FCConvNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = ShapeTestedMlp()
+
+    def forward(self, x):
+        x = self.p2(torch.relu(self.c2(self.p1(torch.relu(self.c1(x))))))
+        return self.head(torch.flatten(torch.relu(self.mlp(x)), 1))
+
+
+def test_convolutions_covering_their_input_inside_an_opaque_module_are_matrix_products(
+    monkeypatch,
+):
+    import convlens_occlusion._incremental as inc
+
+    calls = []
+    real = inc._Linear.__call__
+
+    def counted(self, x):
+        calls.append(tuple(x.shape))
+        return real(self, x)
+
+    monkeypatch.setattr(inc._Linear, "__call__", counted)
+    model, x = _seeded(OpaqueHeadNet()), _x(2, seed=6)
+    res = occlusion_maps(model, x, window=6, stride=3, fill=0.0, layer="c2",
+                         method="incremental", return_logits=True)  # fmt: skip
+    assert res.path["opaque_modules"] == ["mlp"]
+    assert res.path["tail"] is not None
+    # fc1 (6x6 kernel on the 6x6 map) and fc2 (1x1 on 1x1), in the unoccluded passes and the tail
+    assert {s[1:] for s in calls} == {(8, 6, 6), (16, 1, 1)}
+    assert sum(s[0] for s in calls if s[1:] == (8, 6, 6)) == 2 * len(res.grid) + 2
+    _check(model, x, res, "c2")

@@ -207,6 +207,21 @@ class _Window:
     what: str
 
 
+def _covers_input(x: Any, weight: Any, padding: Any, dilation: Any, groups: int) -> bool:
+    """Whether a 2-d convolution of ``x`` is a matrix product: its kernel covers the whole
+    unpadded input (no dilation, one group), so its output is 1x1."""
+    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        return False
+    if isinstance(padding, str):
+        if padding != "valid":
+            return False
+        padding = 0
+    return (
+        x.dim() == 4 and weight.dim() == 4 and groups == 1 and _pair(dilation) == (1, 1)
+        and _pair(padding) == (0, 0) and tuple(weight.shape[-2:]) == tuple(x.shape[-2:])
+    )  # fmt: skip
+
+
 class _ConvAsLinear(TorchFunctionMode):
     """Inside a module the tracer had to keep opaque (timm's ``ConvMlp``: vgg16's fully
     connected layers behind a shape test), run each 2-d convolution whose kernel covers its
@@ -220,13 +235,8 @@ class _ConvAsLinear(TorchFunctionMode):
                 {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1},
                 args, kwargs,
             )  # fmt: skip
-            x, w, pad = b["input"], b["weight"], b["padding"]
-            if (
-                isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and x.dim() == 4
-                and w.dim() == 4 and b["groups"] == 1 and _pair(b["dilation"]) == (1, 1)
-                and (pad == "valid" or (not isinstance(pad, str) and _pair(pad) == (0, 0)))
-                and tuple(w.shape[-2:]) == tuple(x.shape[-2:])
-            ):  # fmt: skip
+            x, w = b["input"], b["weight"]
+            if _covers_input(x, w, b["padding"], b["dilation"], b["groups"]):
                 return _Linear(w.reshape(w.shape[0], -1), b["bias"])(x)
         return func(*args, **kwargs)
 
@@ -986,17 +996,8 @@ class IncrementalOcclusion:
             return None
         if any(self._dep[a] for a in n.all_input_nodes if a is not first):
             return None
-        weight, bias, stride, padding, dilation, groups = p
-        x = cached.get(first)
-        if not (isinstance(x, torch.Tensor) and x.dim() == 4):
-            return None
-        if isinstance(padding, str):
-            if padding != "valid":
-                return None
-            padding = 0
-        if groups != 1 or _pair(dilation) != (1, 1) or _pair(padding) != (0, 0):
-            return None
-        if tuple(weight.shape[-2:]) != tuple(x.shape[-2:]):  # then the output is 1x1
+        weight, bias, _, padding, dilation, groups = p
+        if not _covers_input(cached.get(first), weight, padding, dilation, groups):
             return None
         self._linears[n] = _Linear(weight.reshape(weight.shape[0], -1), bias)
         return self._linears[n]

@@ -127,7 +127,7 @@ class OcclusionProbe(convlens.Probe):
                         max=1),
         convlens.Option("approx_truncate", float, TRUNCATE, "--approx: projective-field "
                         "threshold tau in (0, 1] of the coarse and drill-down positions (each "
-                        "layer's changed region capped at tau of its map; 1 = exact)."),
+                        "layer's changed region capped at tau of its map; 1 = exact).", min=0.01, max=1),
     )  # fmt: skip
 
     # -- run ------------------------------------------------------------------------------------

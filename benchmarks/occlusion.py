@@ -76,6 +76,7 @@ def bench(
     with_batched: bool = False,
     with_approx: bool = False,
     device: str = "cpu",
+    approx_precision: str = "auto",
 ) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -119,7 +120,8 @@ def bench(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 approx = occlusion_maps(model, x, window=window, stride=stride, fill=0.0,
-                                        target=target, approx=True)  # fmt: skip
+                                        target=target, approx=True,
+                                        approx_precision=approx_precision)  # fmt: skip
             t_approx.append(time.perf_counter() - t)
         t = time.perf_counter()
         with torch.no_grad():
@@ -275,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--with-approx", action="store_true", help="also time --approx and its SSIM vs exact"
     )
+    ap.add_argument(
+        "--approx-precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16"),
+        help="--with-approx: number format of the approximate positions (default auto)",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -318,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             args.with_batched,
             args.with_approx,
             args.device,
+            args.approx_precision,
         )
         rows.append(r)
         print(
@@ -350,13 +359,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(
                 f"{'':<20}approximate (--approx: coarse {a['coarse']}, drill {a['drill']}, "
-                f"truncate {a['truncate']:g}): {r['approx_s']:.2f} s, Captum/approx "
+                f"truncate {a['truncate']:g}, {a['precision']['format']}): {r['approx_s']:.2f} s, "
+                f"Captum/approx "
                 f"{r['captum_s'] / r['approx_s']:.2f}x, exact/approx "
                 f"{r['convlens_s'] / r['approx_s']:.2f}x (sweeps: approx {a['sweep_s']:.2f} s, "
                 f"exact {a['exact_sweep_s']:.2f} s); {a['computed_positions']['total']} of "
                 f"{a['positions']} positions computed ({a['exact_positions']} exactly); SSIM of "
                 f"the whole map vs exact {r['approx_ssim']:.3f} (check blocks: {blocks}; "
-                f"{'meets' if a['meets_target'] else 'MISSES'} {a['target_ssim']})",
+                f"{'meets' if a['meets_target'] else 'MISSES'} {a['target_ssim']}); stages (s): "
+                + ", ".join(f"{k} {v:.2f}" for k, v in a["seconds"].items()),
                 flush=True,
             )
         if r["batched_s"] is not None:

@@ -31,6 +31,7 @@ SSIM against the exact map (``docs/benchmarks.md``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,12 +41,24 @@ import torch
 
 from ._grid import OcclusionGrid
 
-__all__ = ["SubGrid", "approximate_image", "ssim", "COARSE", "DRILL", "CHECK", "TRUNCATE"]
+__all__ = [
+    "SubGrid",
+    "approximate_image",
+    "ssim",
+    "COARSE",
+    "DRILL",
+    "DRILL_BF16",
+    "CHECK",
+    "TRUNCATE",
+]
 
 #: Defaults of ``--approx`` (measured: ``docs/benchmarks.md``).
 COARSE = 2
-DRILL = 0.2
-CHECK = 0.15
+DRILL = 0.3
+#: The drill-down default where the positions run in bfloat16 (``_precision.py``): at a fifth
+#: of float32's cost per position every position is computed, and the lattice only orders them.
+DRILL_BF16 = 1.0
+CHECK = 0.1
 TRUNCATE = 0.75
 
 
@@ -137,13 +150,16 @@ def approximate_image(
     is_exact = np.zeros(positions, dtype=bool)  # computed exactly
     logits: torch.Tensor | None = None
     feature = torch.zeros(positions, dtype=torch.float64)
+    seconds = {"coarse": 0.0, "drill": 0.0, "check": 0.0}
 
-    def compute(index: np.ndarray, exactly: bool) -> int:
+    def compute(index: np.ndarray, exactly: bool, stage: str) -> int:
         nonlocal logits
         index = index[~(is_exact if exactly else done)[index]]
         if not len(index):
             return 0
+        t0 = time.perf_counter()
         lg, ft = (exact if exactly else fast)(index)
+        seconds[stage] += time.perf_counter() - t0
         if logits is None:
             logits = torch.zeros((positions, lg.shape[1]), dtype=torch.float64)
         logits[index] = lg.double()
@@ -155,7 +171,7 @@ def approximate_image(
     # 1. the coarse lattice
     ry, rx = _lattice(rows, coarse), _lattice(cols, coarse)
     lattice = (ry[:, None] * cols + rx[None, :]).reshape(-1)
-    n_coarse = compute(lattice, False)
+    n_coarse = compute(lattice, False, "coarse")
     # 2. interpolate everything between lattice points
     grid_l = logits.view(rows, cols, -1)[ry][:, rx]
     grid_f = feature.view(rows, cols)[ry][:, rx]
@@ -182,7 +198,7 @@ def approximate_image(
         for i in (r[:, None] * cols + c[None, :]).reshape(-1):
             if not done[i]:
                 chosen[int(i)] = None
-    n_drill = compute(np.asarray(list(chosen)[:budget], dtype=np.int64), False)
+    n_drill = compute(np.asarray(list(chosen)[:budget], dtype=np.int64), False, "drill")
     # 4. the stated error: random blocks, predicted first (interpolated, or computed with
     # truncation), then computed exactly (τ = 1)
     rng = np.random.default_rng(seed)
@@ -195,7 +211,7 @@ def approximate_image(
         idx = np.arange(r0, r0 + bh)[:, None] * cols + np.arange(c0, c0 + bw)[None, :]
         blocks.append(([r0, c0, r0 + bh, c0 + bw], idx.reshape(-1)))
         predicted.append(logits[idx.reshape(-1)].softmax(-1)[:, target].numpy().reshape(bh, bw))
-    n_check = compute(np.unique(np.concatenate([b[1] for b in blocks])), True)
+    n_check = compute(np.unique(np.concatenate([b[1] for b in blocks])), True, "check")
     seen = logits[torch.as_tensor(done)].softmax(-1)[:, target].numpy()
     data_range = float(seen.max() - seen.min()) or 1.0
     figures = []
@@ -221,6 +237,7 @@ def approximate_image(
             "total": int(done.sum()),
         },
         "exact_positions": int(is_exact.sum()),
+        "seconds": {k: round(v, 4) for k, v in seconds.items()},
         "check": {
             "blocks": [b[0] for b in blocks],
             "map": "prob_target",

@@ -26,7 +26,7 @@ from torch import nn
 from convlens.engine import record, resolve_layer, top_conv_layer, trace_model
 from convlens.errors import ConvlensError
 
-from ._approx import CHECK, COARSE, DRILL, TRUNCATE, SubGrid, approximate_image
+from ._approx import CHECK, COARSE, DRILL, DRILL_BF16, TRUNCATE, SubGrid, approximate_image
 from ._cache import entry_for
 from ._flops import flop_report
 from ._grid import OcclusionGrid, default_window, fill_tensor, paint
@@ -37,6 +37,7 @@ from ._incremental import (
     _node_label,
     check_truncate,
 )
+from ._precision import PRECISIONS, LowPrecision, resolve_precision
 
 __all__ = [
     "OcclusionMaps",
@@ -214,11 +215,12 @@ def occlusion_maps(
     progress: Callable[[int], None] | None = None,
     approx: bool = False,
     approx_coarse: int = COARSE,
-    approx_drill: float = DRILL,
+    approx_drill: float | None = None,
     approx_ssim: float = 0.9,
     approx_seed: int = 0,
     approx_check: float = CHECK,
     approx_truncate: float = TRUNCATE,
+    approx_precision: str = "auto",
     group_positions: int = 4,
 ) -> OcclusionMaps:
     """Slide a square over every image of ``inputs`` (``[N, 3, H, W]``, model input space) and
@@ -250,18 +252,29 @@ def occlusion_maps(
     :class:`OcclusionApproxWarning`). ``approx_truncate``: on the incremental path the coarse and
     drill-down positions run with Krypton's projective-field truncation at this threshold τ
     (each layer's changed box capped at ``⌈τ·H⌉`` × ``⌈τ·W⌉`` of its map; 1: exact); the check
-    blocks always run exactly.
+    blocks always run exactly. ``approx_precision``: the number format of the coarse and
+    drill-down positions on the incremental path: ``fp32``, ``bf16`` (a bfloat16 copy of the
+    model, each position's logits corrected by the copy's error on the unoccluded image; see
+    :func:`low_precision_copy`) or ``auto`` (bf16 where the hardware runs it natively: a CUDA
+    device with bfloat16, or a CPU with AVX512-BF16/AMX; fp32 elsewhere); the check blocks are
+    always float32 and exact, so the stated SSIM covers this approximation too.
     """
     if method not in METHODS:
         raise ConvlensError(f"occlusion method {method!r}: choose one of {', '.join(METHODS)}")
     if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
         raise ConvlensError("occlusion inputs: expected a [N, C, H, W] tensor")
-    if approx and (approx_coarse < 2 or not 0.0 <= approx_drill <= 1.0
+    if approx and (approx_coarse < 2
+                   or (approx_drill is not None and not 0.0 <= approx_drill <= 1.0)
                    or not 0.0 < approx_ssim <= 1.0):  # fmt: skip
         raise ConvlensError(
             "occlusion approx: coarse must be at least 2, drill in [0, 1], ssim in (0, 1]"
         )
     approx_truncate = check_truncate(approx_truncate)
+    if approx_precision not in PRECISIONS:
+        raise ConvlensError(
+            f"occlusion approx precision {approx_precision!r}: choose one of "
+            + ", ".join(PRECISIONS)
+        )
     if batch_size is not None and batch_size < 1:
         raise ConvlensError(f"occlusion batch_size {batch_size}: must be at least 1")
     if model.training:
@@ -338,7 +351,22 @@ def occlusion_maps(
                         engine, first_cache = None, None
 
         fast_engine: IncrementalOcclusion | None = None
-        if approx and engine is not None and approx_truncate < 1.0:
+        low: LowPrecision | None = None
+        precision = "fp32"
+        if approx and engine is not None:
+            precision = resolve_precision(approx_precision, device)
+        if precision != "fp32":
+            with phases("trace"):
+                low = LowPrecision.build(
+                    entry, model, x, ref, full_above, fold_batchnorm, approx_truncate, precision,
+                    approx_precision,
+                )  # fmt: skip
+            if low.engine is None:  # no copy or no trace of it: fp32, and the record says why
+                precision = "fp32"
+        if (
+            approx and engine is not None and approx_truncate < 1.0
+            and (low is None or low.engine is None)
+        ):  # fmt: skip
             # the same traced graph (and unoccluded pass) with projective-field truncation
             with phases("trace"):
                 fast_engine, _, _ = entry.engine(
@@ -427,8 +455,9 @@ def occlusion_maps(
                 def exact(
                     index, i=i, c_i=c_i, cache=cache, lg_out=None, ft_out=None,
                     num_classes=num_classes, per_batch=per_batch, groups=groups, eng=None,
-                    shared=shared_tail,
+                    shared=shared_tail, image=None, fill=fill_t,
                 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                    image = x[i] if image is None else image
                     sub = grid if index is None else SubGrid(grid, index)
                     n = len(sub)
                     lg_out = torch.empty((n, num_classes)) if lg_out is None else lg_out
@@ -438,7 +467,7 @@ def occlusion_maps(
                         # land in ``lg_out``/``ft_out`` when ``shared_tail`` is flushed
                         for g in groups or [np.arange(len(grid))]:
                             bs = _sweep_incremental(
-                                engine, cache, x[i], SubGrid(grid, g), fill_t, c_i, batch_size,
+                                engine, cache, image, SubGrid(grid, g), fill, c_i, batch_size,
                                 lg_out, ft_out, advance, layers_report, tuners["incremental"],
                                 tail=shared, out_rows=torch.as_tensor(g),
                             )  # fmt: skip
@@ -461,7 +490,7 @@ def occlusion_maps(
                         )  # fmt: skip
                         for w, sg in zip(parts, subs, strict=True):
                             bs = _sweep_incremental(
-                                e, cache, x[i], sg, fill_t, c_i, batch_size, lg_out, ft_out,
+                                e, cache, image, sg, fill, c_i, batch_size, lg_out, ft_out,
                                 advance, layers_report, tuners["incremental"], tail=tail,
                                 out_rows=torch.as_tensor(w),
                             )  # fmt: skip
@@ -471,7 +500,7 @@ def occlusion_maps(
                         return lg_out, ft_out
                     if engine is not None and cache is not None:
                         bs = _sweep_incremental(
-                            eng or engine, cache, x[i], sub, fill_t, c_i, batch_size, lg_out,
+                            eng or engine, cache, image, sub, fill, c_i, batch_size, lg_out,
                             ft_out,
                             advance, layers_report, tuners["incremental"],
                         )  # fmt: skip
@@ -490,11 +519,24 @@ def occlusion_maps(
                         fast = None
                         if fast_engine is not None and cache is not None:
                             fast = functools.partial(exact, eng=fast_engine)
+                        if low is not None and low.engine is not None and cache is not None:
+                            fast = low.fast(exact, x[i], fill_t, c_i, lg0, ac0)
                         lg_i, ft_i, rec = approximate_image(
-                            grid, exact, t_i, coarse=approx_coarse, drill=approx_drill,
+                            grid, exact, t_i, coarse=approx_coarse,
+                            drill=(approx_drill if approx_drill is not None
+                                   else DRILL_BF16 if low is not None and low.engine is not None
+                                   else DRILL),
                             quality=approx_ssim, seed=approx_seed + i, check=approx_check,
                             fast=fast, truncate=approx_truncate,
                         )  # fmt: skip
+                        rec["precision"] = low.record() if low is not None else {
+                            "format": "fp32", "requested": approx_precision,
+                            "bias_correction": None,
+                            "reason": None if approx_precision == "fp32" else (
+                                "no native bfloat16 on this device"
+                                if engine is not None else "not on the incremental path"
+                            ),
+                        }  # fmt: skip
                         logits_all[i], feature_all[i] = lg_i, ft_i
                         approx_records.append(rec)
                     else:

@@ -25,10 +25,11 @@ from convlens.probe import ProbeContext, ProbeResult, ReportSection
 from convlens.render import save_png
 from convlens.render.report import esc
 
-from ._approx import CHECK, COARSE, DRILL, TRUNCATE
+from ._approx import CHECK, COARSE, DRILL, DRILL_BF16, TRUNCATE
 from ._cache import entry_for
 from ._compute import METHODS, OcclusionMaps, occlusion_maps
 from ._grid import OcclusionGrid, default_window
+from ._precision import PRECISIONS
 from ._render import figure, short_name
 
 __all__ = ["OcclusionProbe", "auto_stride", "parse_fill", "class_names", "POSITION_BUDGET"]
@@ -118,8 +119,9 @@ class OcclusionProbe(convlens.Probe):
                         "with its SSIM against exact values on a random block of positions."),
         convlens.Option("approx_coarse", int, COARSE, "--approx: computed on every k-th row and "
                         "column of positions.", min=2, max=64),
-        convlens.Option("approx_drill", float, DRILL, "--approx: share of positions computed "
-                        "again where the map changes most.", min=0, max=1),
+        convlens.Option("approx_drill", float, None, "--approx: share of positions computed "
+                        f"again where the map changes most (default: {DRILL_BF16:g} in bf16, "
+                        f"{DRILL:g} in fp32).", min=0, max=1),
         convlens.Option("approx_ssim", float, 0.9, "--approx: target SSIM; a map below it is "
                         "reported as missing it.", min=0, max=1),
         convlens.Option("approx_check", float, CHECK, "--approx: share of positions in the "
@@ -128,6 +130,10 @@ class OcclusionProbe(convlens.Probe):
         convlens.Option("approx_truncate", float, TRUNCATE, "--approx: projective-field "
                         "threshold tau in (0, 1] of the coarse and drill-down positions (each "
                         "layer's changed region capped at tau of its map; 1 = exact).", min=0.01, max=1),
+        convlens.Option("approx_precision", str, "auto", "--approx: number format of the "
+                        "coarse and drill-down positions (auto: bf16 where the CPU or GPU runs "
+                        "it natively, else fp32; the check blocks are always exact fp32).",
+                        choices=PRECISIONS),
     )  # fmt: skip
 
     # -- run ------------------------------------------------------------------------------------
@@ -151,7 +157,7 @@ class OcclusionProbe(convlens.Probe):
                 approx=bool(opts["approx"]), approx_coarse=opts["approx_coarse"],
                 approx_drill=opts["approx_drill"], approx_ssim=opts["approx_ssim"],
                 approx_check=opts["approx_check"], approx_truncate=opts["approx_truncate"],
-                approx_seed=ctx.seed,
+                approx_precision=opts["approx_precision"], approx_seed=ctx.seed,
             )  # fmt: skip
         names = class_names(ctx.model, res.num_classes)
         t_write = time.perf_counter()
@@ -358,6 +364,7 @@ def describe_approx(approx: dict[str, Any]) -> str:
     exact = sum(r["exact_positions"] for r in per)
     total = sum(r["positions"] for r in per)
     tau = per[0].get("truncate", 1.0)
+    fmt = (per[0].get("precision") or {}).get("format", "fp32")
     verdict = (
         "meets the target"
         if approx["meets_target"]
@@ -366,6 +373,7 @@ def describe_approx(approx: dict[str, Any]) -> str:
     return (
         "approximate (adaptive drill-down"
         + (f", projective-field truncation tau {tau:g}" if tau < 1 else "")
+        + (", bfloat16 with bias correction" if fmt == "bf16" else "")
         + f"): {computed} of {total} positions computed, {exact} exactly; SSIM on the "
         f"exact check block {shown} vs target {per[0]['target_ssim']}: {verdict}"
     )

@@ -1,0 +1,148 @@
+"""``--approx`` in bfloat16 (``_precision.py``): the coarse and drill-down positions run on a
+bfloat16 copy of the model with its error on the unoccluded image subtracted; the check blocks
+stay float32 and exact. References: a naive float32 loop, and a naive loop over the same
+bfloat16 copy of the model with the same correction applied by hand."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from convlens_occlusion import OcclusionApproxWarning, occlusion_maps
+from convlens_occlusion import _precision as precision
+from convlens_occlusion._approx import DRILL, DRILL_BF16
+from convlens_occlusion._cache import clear, entry_for
+from PIL import Image
+from typer.testing import CliRunner
+
+from convlens.cli import build_app
+from convlens.errors import ConvlensError
+from convlens.testing import tiny_model
+from tests.plugins.test_occlusion_exact import naive
+
+
+def _run(model, x, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OcclusionApproxWarning)
+        return occlusion_maps(model, x, window=6, stride=2, approx=True, threads=1,
+                              return_logits=True, **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["functional", "resnet"])
+def test_bf16_positions_match_a_naive_bf16_loop_and_the_checks_stay_exact(kind):
+    model, shape = tiny_model(kind)
+    x = torch.randn(1, *shape[1:], generator=torch.Generator().manual_seed(3))
+    res = _run(model, x, approx_precision="bf16", approx_drill=1.0, approx_truncate=1.0)
+    rec = res.path["approx"]["per_image"][0]
+    assert rec["precision"]["format"] == "bf16" and rec["precision"]["bias_correction"]
+    grid, layer, c = res.grid, res.layer, int(res.channels[0])
+    exact, _ = naive(model, x, grid, 0.0, layer, c)  # float32, every position
+    low = precision.low_precision_copy(model, torch.bfloat16)
+    low_logits, _ = naive(low, x.to(torch.bfloat16), grid, 0.0, layer, c)
+    with torch.no_grad():
+        shift = model(x).float() - low(x.to(torch.bfloat16)).float()
+    by_hand = low_logits.float() + shift  # the documented correction, applied independently
+    ours = torch.as_tensor(res.logits[0]).reshape(len(grid), -1).float()
+    checked = np.zeros(grid.shape, dtype=bool)
+    for r0, c0, r1, c1 in rec["check"]["blocks"]:
+        checked[r0:r1, c0:c1] = True
+    checked = torch.as_tensor(checked.reshape(-1))
+    scale = float(exact.abs().max())
+    # the check blocks: float32 and exact, equal to the naive float32 loop
+    assert float((ours[checked] - exact[checked]).abs().max()) <= 1e-5 * scale
+    # elsewhere: the bfloat16 copy's values, corrected, as the independent bf16 loop gives them
+    rest = ~checked
+    err_ours = float((ours[rest] - exact[rest]).abs().max())
+    err_ref = float((by_hand[rest] - exact[rest]).abs().max())
+    assert err_ours > 1e-6 * scale  # really computed in bfloat16
+    assert err_ours <= 2 * err_ref + 1e-3 * scale
+    assert float((ours[rest] - by_hand[rest]).abs().max()) <= 2 * err_ref + 1e-3 * scale
+    assert next(model.parameters()).dtype == torch.float32  # the model itself is untouched
+
+
+def test_the_bias_correction_removes_the_copys_error_where_nothing_changes():
+    # a constant image equal to the fill: every occluded image is the unoccluded one, so the
+    # exact map is flat and any difference left is the copy's position-dependent rounding
+    model, shape = tiny_model("resnet")
+    x = torch.zeros(1, *shape[1:])
+    res = _run(model, x, approx_precision="bf16", approx_drill=1.0, approx_truncate=1.0)
+    with torch.no_grad():
+        clean = model(x).float()[0]
+        low_clean = precision.low_precision_copy(model, torch.bfloat16)(
+            x.to(torch.bfloat16)
+        ).float()[0]
+    raw = float((low_clean - clean).abs().max())
+    assert raw > 0  # bfloat16 does shift these logits
+    ours = torch.as_tensor(res.logits[0]).reshape(-1, clean.numel()).float()
+    assert float((ours - clean).abs().max()) <= 0.1 * raw
+
+
+def test_auto_uses_bf16_only_where_the_hardware_has_it(monkeypatch):
+    model, shape = tiny_model("resnet")
+    x = torch.randn(1, *shape[1:], generator=torch.Generator().manual_seed(4))
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    full = _run(model, x).path["approx"]["per_image"][0]
+    rec = full["precision"]
+    assert rec["format"] == "fp32" and "no native bfloat16" in rec["reason"]
+    assert full["drill"] == DRILL  # float32 positions are dear: drill where the map changes
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    full = _run(model, x).path["approx"]["per_image"][0]
+    rec = full["precision"]
+    assert rec["format"] == "bf16" and rec["requested"] == "auto"
+    assert full["drill"] == DRILL_BF16 == 1.0  # bfloat16 positions are cheap: all of them
+    assert full["computed_positions"]["total"] == full["positions"]
+    rec = _run(model, x, approx_precision="fp32").path["approx"]["per_image"][0]["precision"]
+    assert rec["format"] == "fp32" and rec["reason"] is None
+
+
+def test_the_copy_is_made_once_per_model_and_a_model_that_cannot_be_copied_stays_fp32():
+    model, shape = tiny_model("functional")
+    x = torch.randn(1, *shape[1:], generator=torch.Generator().manual_seed(5))
+    clear(model)
+    _run(model, x, approx_precision="bf16")
+    entry, _ = entry_for(model, x)
+    copy1 = entry.extras[("low_precision_copy", "bf16")]
+    _run(model, x, approx_precision="bf16")
+    assert entry.extras[("low_precision_copy", "bf16")] is copy1
+
+    odd, _ = tiny_model("functional")
+    odd.lock = threading.Lock()  # deepcopy refuses it
+    res = _run(odd, x, approx_precision="bf16", approx_truncate=1.0, approx_drill=1.0)
+    rec = res.path["approx"]["per_image"][0]
+    assert rec["precision"]["format"] == "fp32"
+    assert "cannot be copied" in rec["precision"]["reason"]
+    exact, _ = naive(odd, x, res.grid, 0.0, res.layer, int(res.channels[0]))
+    ours = torch.as_tensor(res.logits[0]).reshape(len(res.grid), -1).float()
+    assert float((ours - exact).abs().max()) <= 1e-5 * float(exact.abs().max())
+
+
+def test_a_bad_precision_is_a_one_line_error(tmp_path):
+    model, shape = tiny_model("chain")
+    x = torch.randn(1, *shape[1:])
+    with pytest.raises(ConvlensError, match="precision 'fp64'"):
+        occlusion_maps(model, x, window=6, stride=2, approx=True, approx_precision="fp64")
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.full((48, 64, 3), 90, dtype=np.uint8)).save(image)
+    res = CliRunner().invoke(build_app(), [
+        "probe", "occlusion", "--model", "zfnet_mini", "--images", str(image), "--approx",
+        "--approx-precision", "fp64", "--out", str(tmp_path / "out"),
+    ])  # fmt: skip
+    assert res.exit_code == 2, res.output
+    assert "--approx-precision" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_with_an_op_lacking_bf16_stays_fp32_and_exact():
+    # the tiny chain has local response normalisation, whose CPU kernel (avg_pool3d) has no
+    # bfloat16 version: the probe pass finds it before the sweep
+    model, shape = tiny_model("chain")
+    x = torch.randn(1, *shape[1:], generator=torch.Generator().manual_seed(6))
+    res = _run(model, x, approx_precision="bf16", approx_truncate=1.0, approx_drill=1.0)
+    rec = res.path["approx"]["per_image"][0]["precision"]
+    assert rec["format"] == "fp32" and "no bf16 kernel" in rec["reason"]
+    exact, _ = naive(model, x, res.grid, 0.0, res.layer, int(res.channels[0]))
+    ours = torch.as_tensor(res.logits[0]).reshape(len(res.grid), -1).float()
+    assert float((ours - exact).abs().max()) <= 1e-5 * float(exact.abs().max())

@@ -31,7 +31,7 @@ from torch import nn
 __all__ = ["rule_key", "load_choice", "store_choice", "weights_digest"]
 
 #: Bump when the measurement or the choice changes meaning.
-VERSION = 1
+VERSION = 2
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -52,7 +52,7 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def rule_key(model, inputs: torch.Tensor, layer: str, requested: str, units: int, mode: str,
-             method: str) -> str:  # fmt: skip
+             method: str, precision: str = "fp32") -> str:  # fmt: skip
     """The file name (a hex digest) of one measurement."""
     x = inputs.detach().to("cpu", torch.float32).contiguous()
     img = hashlib.blake2b(x.numpy().tobytes(), digest_size=16).hexdigest()
@@ -67,6 +67,7 @@ def rule_key(model, inputs: torch.Tensor, layer: str, requested: str, units: int
             units,
             mode,
             method,
+            precision,
             bool(model.training),
         ],  # fmt: skip
     )

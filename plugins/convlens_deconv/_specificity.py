@@ -28,6 +28,7 @@ one-line reason and both measured figures.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +67,7 @@ class RuleChoice:
     pairs: dict[str, int] = field(default_factory=dict)
     units: list[list[int]] = field(default_factory=list)
     images: int = 0
+    precision: str = "fp32"
 
     @property
     def figure(self) -> float | None:
@@ -93,6 +95,7 @@ class RuleChoice:
             "pairs": dict(self.pairs),
             "units": [list(u) for u in self.units],
             "images": self.images,
+            "precision": self.precision,
             "threshold": SPECIFICITY_THRESHOLD,
             "warning": self.warning,
         }
@@ -162,21 +165,50 @@ def choose_rule(
     mode: str = "paper",
     method: str = "auto",
     cache: bool = True,
+    precision: str = "auto",
 ) -> RuleChoice:
     """The rule to project ``layer`` with (``requested`` unless it is ``"auto"``), measured on
     ``inputs`` (a few different photos, preprocessed). See the module docstring.
 
     The choice is a function of the weights, the layer, the images and the options: with
     ``cache`` it is kept on disk (``_rule_cache.py``, under the convlens cache folder) and read
-    back by any later call with the same ones, in this process or another."""
+    back by any later call with the same ones, in this process or another.
+
+    ``precision``: the number format of the measurement (``convlens.engine.precision``):
+    ``auto`` measures with a bfloat16 copy of the model where the hardware runs bfloat16
+    natively (a figure compared with a threshold does not need float32's digits; about 3x
+    faster there), ``fp32`` always in float32. A model with an op that has no bfloat16 kernel,
+    or whose bfloat16 figures are not finite, is measured in float32. The projections the probes
+    draw are float32 whatever this says (``choice.precision`` records the format used)."""
+    from convlens.engine.precision import DTYPES, low_precision_copy, resolve_precision
     from convlens_deconv._rule_cache import load_choice, rule_key, store_choice
 
-    key = rule_key(model, inputs, layer, requested, units, mode, method) if cache else None
+    device = next((p.device for p in model.parameters()), inputs.device)
+    fmt = resolve_precision(precision, device)
+    key = rule_key(model, inputs, layer, requested, units, mode, method, fmt) if cache else None
     if key is not None:
         found = load_choice(key)
         if found is not None:
             return RuleChoice(**found)
-    choice = _choose_rule(model, inputs, layer, requested, units=units, mode=mode, method=method)
+    choice = None
+    if fmt != "fp32":
+        try:
+            low = low_precision_copy(model, DTYPES[fmt])
+            low_inputs = inputs.to(DTYPES[fmt]).contiguous(memory_format=torch.channels_last)
+            choice = _choose_rule(low, low_inputs, layer, requested, units=units, mode=mode,
+                                  method=method)  # fmt: skip
+        except (RuntimeError, NotImplementedError, TypeError):
+            choice = None  # an op without a bfloat16 kernel here: measured in float32
+        if choice is not None and not all(
+            f is None or math.isfinite(f) for f in choice.figures.values()
+        ):
+            choice = None
+        if choice is not None:
+            choice.precision = fmt
+    if choice is None:
+        choice = _choose_rule(
+            model, inputs, layer, requested, units=units, mode=mode, method=method
+        )
     if key is not None:
         store_choice(key, choice)
     return choice

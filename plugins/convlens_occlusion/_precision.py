@@ -6,10 +6,10 @@ AMX or AVX512-BF16, a CUDA GPU) the same multiply-adds also run 2–4× faster i
 float32 (``docs/benchmarks.md``), so ``--approx`` computes its coarse and drill-down positions
 with a bfloat16 copy of the model:
 
-* the copy (``copy.deepcopy`` of the model, cast to bfloat16, eval mode) is made once per model
-  and input size and kept with the model's other fixed costs (``_cache.ModelEntry.extras``); its
-  traced graph is the float32 graph's twin (the float32 graph was checked against the eager
-  model);
+* the copy (``convlens.engine.precision.low_precision_copy``: ``copy.deepcopy`` of the model,
+  cast to bfloat16, eval mode) is made once per model and kept with the model's other fixed
+  costs (``_cache.ModelEntry.extras``); its traced graph is the float32 graph's twin (the
+  float32 graph was checked against the eager model), probed once with the unoccluded image;
 * **bias correction**: bfloat16 rounding shifts the logits of the occluded images and of the
   unoccluded one alike, so each position's logits are those of the copy plus the difference
   between the float32 and the bfloat16 logits of the unoccluded image (the same for the feature
@@ -24,7 +24,6 @@ and slower than float32); ``fp32`` turns it off, ``bf16`` forces it.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,51 +31,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from convlens.engine.precision import (
+    DTYPES,
+    PRECISIONS,
+    low_precision_copy,
+    native_bf16,
+    resolve_precision,
+)
+
 from ._incremental import IncrementalOcclusion, UnsupportedModel
 
-__all__ = ["PRECISIONS", "native_bf16", "resolve_precision", "low_precision_copy"]
-
-#: What ``approx_precision`` / ``--approx-precision`` accepts.
-PRECISIONS = ("auto", "fp32", "bf16")
-
-_DTYPES = {"bf16": torch.bfloat16}
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bfloat16 matrices natively (CUDA with bfloat16 support; a
-    CPU with AMX tiles or AVX512-BF16, as PyTorch's CPU feature probes report)."""
-    if device.type == "cuda":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    if device.type != "cpu":
-        return False
-    cpu = getattr(torch, "cpu", None)
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        fn = getattr(cpu, probe, None)
-        try:
-            if fn is not None and fn():
-                return True
-        except Exception:  # noqa: BLE001 - a private probe; absent or failing means "no"
-            continue
-    return False
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """``fp32`` or ``bf16`` for ``requested`` (``auto``: bf16 where it runs natively)."""
-    if requested == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    return requested
-
-
-def low_precision_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A copy of ``model`` in eval mode with its floating-point parameters and buffers in
-    ``dtype`` (the model itself is untouched)."""
-    with torch.inference_mode(False), torch.no_grad():
-        low = copy.deepcopy(model)
-        low.to(dtype)
-    low.eval()
-    for p in low.parameters():
-        p.requires_grad_(False)
-    return low
+__all__ = [
+    "PRECISIONS",
+    "native_bf16",
+    "resolve_precision",
+    "low_precision_copy",
+    "LowPrecision",
+]
 
 
 @dataclass
@@ -110,7 +81,7 @@ class LowPrecision:
         ``engine`` None and the ``reason`` (the run then stays in float32)."""
         from ._cache import entry_for
 
-        dtype = _DTYPES[fmt]
+        dtype = DTYPES[fmt]
         key = ("low_precision_copy", fmt)
         low = entry.extras.get(key)
         if low is None:

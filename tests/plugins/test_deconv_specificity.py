@@ -136,24 +136,51 @@ def test_the_choice_is_kept_on_disk_and_measured_again_when_anything_changes(tmp
         return measure(*args, **kwargs)
 
     monkeypatch.setattr(spec, "_choose_rule", counted)
-    first = choose_rule(model, x, layer)
+    first = choose_rule(model, x, layer, precision="fp32")
     files = list((tmp_path / "rules").glob("*.json"))
     assert len(calls) == 1 and len(files) == 1
     assert files[0].stat().st_mode & 0o777 == 0o644
-    again = choose_rule(model, x, layer)  # read back, not measured
+    again = choose_rule(model, x, layer, precision="fp32")  # read back, not measured
     assert len(calls) == 1 and again == first
-    choose_rule(model, x, layer, cache=False)  # asked not to look
+    choose_rule(model, x, layer, cache=False, precision="fp32")  # asked not to look
     assert len(calls) == 2
     # other images, other weights: another key, measured again
     key = rule_key(model, x, layer, "auto", 3, "paper", "auto")
+    assert rule_key(model, x, layer, "auto", 3, "paper", "auto", "bf16") != key
     assert rule_key(model, x.flip(-1), layer, "auto", 3, "paper", "auto") != key
     with torch.no_grad():
         next(model.parameters()).view(-1)[5] += 1e-3
     assert rule_key(model, x, layer, "auto", 3, "paper", "auto") != key
-    choose_rule(model, x, layer)
+    choose_rule(model, x, layer, precision="fp32")
     assert len(calls) == 3
     # a damaged file is measured again, not trusted
     for f in (tmp_path / "rules").glob("*.json"):
         f.write_text("{not json", encoding="utf-8")
-    assert choose_rule(model, x, layer).rule in ("deconvnet", "guided")
+    assert choose_rule(model, x, layer, precision="fp32").rule in ("deconvnet", "guided")
     assert len(calls) == 4
+
+
+def test_the_measurement_in_bf16_gives_the_fp32_choice_and_says_so(monkeypatch):
+    import convlens.engine.precision as core
+
+    model = quiet("efficientnet_lite0")
+    x = photos(model, 3, 96)
+    monkeypatch.setattr(core, "native_bf16", lambda device: True)
+    low = choose_rule(model, x, "blocks.5", cache=False)
+    full = choose_rule(model, x, "blocks.5", cache=False, precision="fp32")
+    assert (low.precision, full.precision) == ("bf16", "fp32")
+    assert low.rule == full.rule == "guided" and low.units == full.units
+    for rule, f in full.figures.items():
+        assert low.figures[rule] == pytest.approx(f, abs=0.05)
+    assert low.to_dict()["precision"] == "bf16"
+    assert next(model.parameters()).dtype == torch.float32  # a copy was measured
+    monkeypatch.setattr(core, "native_bf16", lambda device: False)
+    assert choose_rule(model, x, "blocks.5", cache=False).precision == "fp32"
+
+
+def test_a_model_whose_ops_lack_bf16_is_measured_in_fp32():
+    model, shape = tiny_model("chain")  # local response normalisation: no bf16 CPU kernel
+    x = torch.randn(3, *shape[1:], generator=torch.Generator().manual_seed(0))
+    low = choose_rule(model, x, "features.conv3", cache=False, precision="bf16")
+    full = choose_rule(model, x, "features.conv3", cache=False, precision="fp32")
+    assert low.precision == "fp32" and low.figures == full.figures

@@ -18,6 +18,7 @@ from convlens_occlusion._cache import clear, entry_for
 from PIL import Image
 from typer.testing import CliRunner
 
+import convlens.engine.precision as core_precision
 from convlens.cli import build_app
 from convlens.errors import ConvlensError
 from convlens.testing import tiny_model
@@ -83,12 +84,12 @@ def test_the_bias_correction_removes_the_copys_error_where_nothing_changes():
 def test_auto_uses_bf16_only_where_the_hardware_has_it(monkeypatch):
     model, shape = tiny_model("resnet")
     x = torch.randn(1, *shape[1:], generator=torch.Generator().manual_seed(4))
-    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    monkeypatch.setattr(core_precision, "native_bf16", lambda device: False)
     full = _run(model, x).path["approx"]["per_image"][0]
     rec = full["precision"]
     assert rec["format"] == "fp32" and "no native bfloat16" in rec["reason"]
     assert full["drill"] == DRILL  # float32 positions are dear: drill where the map changes
-    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    monkeypatch.setattr(core_precision, "native_bf16", lambda device: True)
     full = _run(model, x).path["approx"]["per_image"][0]
     rec = full["precision"]
     assert rec["format"] == "bf16" and rec["requested"] == "auto"

@@ -566,7 +566,8 @@ def occlusion_maps(
             warnings.warn(
                 f"occlusion approx: the approximate map of image(s) {misses} misses the target "
                 f"SSIM {approx_ssim} on its exact check block ({figs}): not a good approximation;"
-                " lower --approx-coarse, raise --approx-drill or --approx-truncate, or run exact",
+                " lower --approx-coarse, raise --approx-drill or --approx-truncate, use"
+                " --approx-precision fp32, or run exact",
                 OcclusionApproxWarning,
                 stacklevel=2,
             )

@@ -289,6 +289,7 @@ class OcclusionProbe(convlens.Probe):
                 image, res.grid, res.prob_target[i], res.feature_activity[i], res.top_class[i],
                 names, int(res.targets[i]), res.layer, int(res.channels[i]), d["fill_rgb"],
                 proj, Path(p).name, rule,
+                approx=(res.path.get("approx") or {}).get("per_image", [None] * (i + 1))[i],
             )  # fmt: skip
             fname = f"occlusion_{i:02d}_{Path(p).stem}.png"
             save_png(arr, ctx.out_dir / fname)
@@ -316,7 +317,8 @@ class OcclusionProbe(convlens.Probe):
             "legend. Zeiler &amp; Fergus 2014, Section 4.2, Fig. 7.</p>"
             + (f'<p class="meta">Panel (c) omitted: {esc(note)}</p>' if note else "")
             + f"<p>Computed by <b>{esc(describe_path(res.path))}</b> in {res.seconds:.1f} s.</p>"
-            "<table><tr><th>image</th><th>class</th><th>p unoccluded</th><th>min p</th>"
+            + _approx_html(res.path.get("approx"))
+            + "<table><tr><th>image</th><th>class</th><th>p unoccluded</th><th>min p</th>"
             "<th>square of min p (x0, y0, x1, y1)</th><th>labels in (e)</th></tr>"
             + "".join(rows)
             + "</table>"
@@ -353,6 +355,14 @@ def _worst(res: OcclusionMaps, i: int) -> dict[str, Any]:
         "at": [r, c],
         "box": [int(v) for v in res.grid.boxes()[p]],
     }
+
+
+def _approx_html(approx: dict[str, Any] | None) -> str:
+    """The report's paragraph on an approximate map (red when it misses its target)."""
+    if not approx:
+        return ""
+    style = "" if approx["meets_target"] else ' style="color:#b00000"'
+    return f"<p{style}>The maps are <b>{esc(describe_approx(approx))}</b>.</p>"
 
 
 def describe_approx(approx: dict[str, Any]) -> str:

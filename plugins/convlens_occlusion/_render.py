@@ -85,8 +85,11 @@ def figure(
     projection: np.ndarray | None,
     title: str,
     rule: tuple[str, str] | None = None,
+    approx: dict | None = None,
 ) -> np.ndarray:
-    """The row of Fig. 7 for one image as an RGB float array ``[H, W, 3]``."""
+    """The row of Fig. 7 for one image as an RGB float array ``[H, W, 3]``. ``approx``: this
+    image's ``--approx`` record; (b), (d) and (e) then say they are approximate, and (d) states
+    the check's SSIM against its target (in red when it misses)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -120,12 +123,22 @@ def figure(
     e = _spread(palette[index], rows, cols, _BLANK)
 
     tiles = [a, b] + ([projection] if projection is not None else []) + [d, e]
-    titles = [f"(a) {title}", f"(b) {layer} map {channel}: total activity"]
+    approx_tag = " (approx.)" if approx else ""
+    titles = [f"(a) {title}", f"(b) {layer} map {channel}: total activity{approx_tag}"]
     if projection is not None:
         name, seeded = rule or ("deconv", layer)
         at = "" if seeded == layer else f"\nseeded at {seeded} (its input)"
         titles.append(f"(c) {name} projection of map {channel}{at}")
-    titles += [f"(d) p({short_name(names[target])}) under the square", "(e) most probable class"]
+    d_title = f"(d) p({short_name(names[target])}) under the square"
+    if approx:
+        fig_ssim = approx.get("check", {}).get("ssim")
+        shown_ssim = "n/a" if fig_ssim is None else f"{fig_ssim:.3f}"
+        fmt = (approx.get("precision") or {}).get("format", "fp32")
+        d_title += (
+            f"\napprox. {fmt}: check SSIM {shown_ssim}"
+            f" {'≥' if approx.get('meets_target') else '< target'} {approx.get('target_ssim')}"
+        )
+    titles += [d_title, f"(e) most probable class{approx_tag}"]
     d_index = 3 if projection is not None else 2
     pad = 6
     strip = grid(tiles, ncol=len(tiles), pad=pad)
@@ -138,10 +151,11 @@ def figure(
     ax.imshow(strip, interpolation="nearest")
     ax.set_axis_off()
     tile_w = (w_px - pad) / len(tiles)
+    missed = bool(approx) and not approx.get("meets_target")
     for i, t in enumerate(titles):
         fig.text((pad + i * tile_w + (tile_w - pad) / 2) / total_w,
-                 (bottom + h_px + 6) / total_h, t, ha="center", va="bottom",
-                 fontsize=7)  # fmt: skip
+                 (bottom + h_px + 6) / total_h, t, ha="center", va="bottom", fontsize=7,
+                 color="#b00000" if missed and i == d_index else "black")  # fmt: skip
     if projection is not None:  # (c) has no absolute scale: say how it is drawn
         fig.text((pad + 2 * tile_w + (tile_w - pad) / 2) / total_w, 4 / total_h,
                  "each image on its own scale (99.5th pct of |p|); grey = 0",

@@ -147,3 +147,37 @@ def test_a_model_with_an_op_lacking_bf16_stays_fp32_and_exact():
     exact, _ = naive(model, x, res.grid, 0.0, res.layer, int(res.channels[0]))
     ours = torch.as_tensor(res.logits[0]).reshape(len(res.grid), -1).float()
     assert float((ours - exact).abs().max()) <= 1e-5 * float(exact.abs().max())
+
+
+@pytest.mark.parametrize("meets", [True, False])
+def test_the_figure_says_the_map_is_approximate_and_flags_a_miss_in_red(meets):
+    from convlens_occlusion import OcclusionGrid
+    from convlens_occlusion._render import figure
+
+    grid = OcclusionGrid(32, 32, 8, 4)
+    rng = np.random.default_rng(0)
+    prob = rng.random(grid.shape)
+    args = (rng.random((32, 32, 3)), grid, prob, rng.random(grid.shape),
+            np.zeros(grid.shape, dtype=int), ["cup", "saucer"], 0, "conv5", 3, (0.5, 0.5, 0.5),
+            None, "photo.png")  # fmt: skip
+    rec = {"check": {"ssim": 0.93}, "meets_target": meets, "target_ssim": 0.9,
+           "precision": {"format": "bf16"}}  # fmt: skip
+    plain, marked = figure(*args), figure(*args, approx=rec)
+    band = slice(0, 30)  # the titles, above the tiles
+    red = (marked[band, :, 0] > 0.6) & (marked[band, :, 1] < 0.2) & (marked[band, :, 2] < 0.2)
+    assert bool(red.any()) is (not meets)
+    assert np.abs(plain[band] - marked[band]).max() > 0.5  # the titles changed
+
+
+def test_the_report_says_the_maps_are_approximate_and_red_when_below_target(tmp_path):
+    image = tmp_path / "photo.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(image)
+    res = CliRunner().invoke(build_app(), [
+        "probe", "occlusion", "--model", "zfnet_mini", "--images", str(image), "--approx",
+        "--approx-ssim", "1.0", "--out", str(tmp_path / "out"),
+    ])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    html = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
+    assert '<p style="color:#b00000">The maps are <b>approximate' in html
+    assert "BELOW the target" in html

@@ -107,14 +107,20 @@ def test_bad_truncation_is_a_one_line_error(case, tau):
     assert "\n" not in str(err.value)
 
 
-def test_bad_truncation_exits_2_from_the_cli(tmp_path):
+def occlusion_cli(tmp_path, *options: str):
+    """``convlens probe occlusion --model zfnet_mini --approx OPTIONS`` on a random photo, into
+    ``tmp_path / "out"``: the CliRunner result."""
     image = tmp_path / "photo.png"
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(image)
-    res = CliRunner().invoke(build_app(), [
+    return CliRunner().invoke(build_app(), [
         "probe", "occlusion", "--model", "zfnet_mini", "--images", str(image), "--approx",
-        "--approx-truncate", "1.5", "--out", str(tmp_path / "out"),
+        *options, "--out", str(tmp_path / "out"),
     ])  # fmt: skip
+
+
+def test_bad_truncation_exits_2_from_the_cli(tmp_path):
+    res = occlusion_cli(tmp_path, "--approx-truncate", "1.5")
     lines = [ln for ln in res.output.splitlines() if ln.strip() and "warning:" not in ln
              and "RANDOM" not in ln]  # fmt: skip
     assert res.exit_code == 2, res.output

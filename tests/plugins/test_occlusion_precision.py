@@ -15,13 +15,11 @@ from convlens_occlusion import OcclusionApproxWarning, occlusion_maps
 from convlens_occlusion import _precision as precision
 from convlens_occlusion._approx import DRILL, DRILL_BF16
 from convlens_occlusion._cache import clear, entry_for
-from PIL import Image
-from typer.testing import CliRunner
 
 import convlens.engine.precision as core_precision
-from convlens.cli import build_app
 from convlens.errors import ConvlensError
 from convlens.testing import tiny_model
+from tests.plugins.test_occlusion_approx import occlusion_cli
 from tests.plugins.test_occlusion_exact import naive
 
 
@@ -125,12 +123,7 @@ def test_a_bad_precision_is_a_one_line_error(tmp_path):
     x = torch.randn(1, *shape[1:])
     with pytest.raises(ConvlensError, match="precision 'fp64'"):
         occlusion_maps(model, x, window=6, stride=2, approx=True, approx_precision="fp64")
-    image = tmp_path / "photo.png"
-    Image.fromarray(np.full((48, 64, 3), 90, dtype=np.uint8)).save(image)
-    res = CliRunner().invoke(build_app(), [
-        "probe", "occlusion", "--model", "zfnet_mini", "--images", str(image), "--approx",
-        "--approx-precision", "fp64", "--out", str(tmp_path / "out"),
-    ])  # fmt: skip
+    res = occlusion_cli(tmp_path, "--approx-precision", "fp64")
     assert res.exit_code == 2, res.output
     assert "--approx-precision" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "out").exists()
@@ -170,13 +163,7 @@ def test_the_figure_says_the_map_is_approximate_and_flags_a_miss_in_red(meets):
 
 
 def test_the_report_says_the_maps_are_approximate_and_red_when_below_target(tmp_path):
-    image = tmp_path / "photo.png"
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(image)
-    res = CliRunner().invoke(build_app(), [
-        "probe", "occlusion", "--model", "zfnet_mini", "--images", str(image), "--approx",
-        "--approx-ssim", "1.0", "--out", str(tmp_path / "out"),
-    ])  # fmt: skip
+    res = occlusion_cli(tmp_path, "--approx-ssim", "1.0")
     assert res.exit_code == 0, res.output
     html = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
     assert '<p style="color:#b00000">The maps are <b>approximate' in html

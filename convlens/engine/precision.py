@@ -23,6 +23,8 @@ import weakref
 import torch
 from torch import nn
 
+from convlens.errors import ConvlensError
+
 __all__ = ["PRECISIONS", "native_bf16", "resolve_precision", "low_precision_copy", "DTYPES"]
 
 #: What a ``precision`` option accepts.
@@ -54,7 +56,7 @@ def native_bf16(device: torch.device | str) -> bool:
 def resolve_precision(requested: str, device: torch.device | str) -> str:
     """``fp32`` or ``bf16`` for ``requested`` (``auto``: bf16 where it runs natively)."""
     if requested not in PRECISIONS:
-        raise ValueError(f"precision {requested!r}: choose one of {', '.join(PRECISIONS)}")
+        raise ConvlensError(f"precision {requested!r}: choose one of {', '.join(PRECISIONS)}")
     if requested == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     return requested

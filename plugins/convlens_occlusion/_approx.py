@@ -223,7 +223,11 @@ def approximate_image(
     meets = figure is not None and figure >= quality
     record = {
         "method": "adaptive drill-down (Krypton SIGMOD 2019, Sec. 4.2)"
-        + (f" with projective-field truncation, tau {truncate:g} (Sec. 4.1)" if truncated else ""),
+        + (
+            f" with projective-field truncation, tau {truncate:g} (Sec. 4.1)"
+            if truncated and truncate < 1.0
+            else ""
+        ),
         "coarse": coarse,
         "drill": drill,
         "truncate": float(truncate) if truncated else 1.0,

@@ -184,3 +184,12 @@ def test_a_model_whose_ops_lack_bf16_is_measured_in_fp32():
     low = choose_rule(model, x, "features.conv3", cache=False, precision="bf16")
     full = choose_rule(model, x, "features.conv3", cache=False, precision="fp32")
     assert low.precision == "fp32" and low.figures == full.figures
+
+
+def test_a_bad_precision_is_a_convlens_error():
+    from convlens.errors import ConvlensError
+
+    model, shape = tiny_model("chain")
+    x = torch.randn(2, *shape[1:])
+    with pytest.raises(ConvlensError, match="precision 'fp8'"):
+        choose_rule(model, x, "features.conv3", cache=False, precision="fp8")

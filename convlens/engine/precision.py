@@ -25,7 +25,14 @@ from torch import nn
 
 from convlens.errors import ConvlensError
 
-__all__ = ["PRECISIONS", "native_bf16", "resolve_precision", "low_precision_copy", "DTYPES"]
+__all__ = [
+    "PRECISIONS",
+    "native_bf16",
+    "resolve_precision",
+    "low_precision_copy",
+    "DTYPES",
+    "tensor_signature",
+]
 
 #: What a ``precision`` option accepts.
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -62,14 +69,21 @@ def resolve_precision(requested: str, device: torch.device | str) -> str:
     return requested
 
 
-def _signature(model: nn.Module) -> tuple:
-    def version(t: torch.Tensor) -> int:
-        try:
-            return int(t._version)
-        except RuntimeError:  # an inference tensor keeps no counter
-            return -1
+def _version(t: torch.Tensor) -> int:
+    try:
+        return int(t._version)
+    except RuntimeError:  # an inference tensor (made under inference_mode) keeps no counter
+        return -1
 
-    return tuple((id(t), t.data_ptr(), version(t)) for t in (*model.parameters(), *model.buffers()))
+
+def tensor_signature(model: nn.Module) -> tuple:
+    """The identity, storage address and version counter of every parameter and buffer: it
+    changes with any in-place update (an optimiser step, ``load_state_dict``, ``copy_``) or a
+    replaced tensor. What per-model caches (this module's copies, occlusion's fixed costs) key
+    their validity on."""
+    return tuple(
+        (id(t), t.data_ptr(), _version(t)) for t in (*model.parameters(), *model.buffers())
+    )
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -85,7 +99,7 @@ def low_precision_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) ->
     """A copy of ``model`` in eval mode with its floating-point parameters and buffers in
     ``dtype``, made once per model, dtype and state of its weights (module docstring). Raises
     whatever ``copy.deepcopy`` raises for a model that cannot be copied."""
-    sig = _signature(model)
+    sig = tensor_signature(model)
     per_model = _COPIES.get(model)
     if per_model is None:
         per_model = _COPIES[model] = {}

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from convlens.engine.precision import tensor_signature
+
 from ._incremental import IncrementalOcclusion, UnsupportedModel, trace_graph
 
 __all__ = ["ModelEntry", "entry_for", "clear", "signature"]
@@ -34,17 +36,7 @@ _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, ModelEntry]] = weakref.
 
 def signature(model: nn.Module) -> tuple:
     """What a cached trace, validation and thread choice of ``model`` depend on."""
-    tensors = tuple(
-        (id(t), t.data_ptr(), _version(t)) for t in (*model.parameters(), *model.buffers())
-    )
-    return tensors, tuple(m.training for m in model.modules())
-
-
-def _version(t: torch.Tensor) -> int:
-    try:
-        return int(t._version)
-    except RuntimeError:  # an inference tensor (made under inference_mode) keeps no counter
-        return -1
+    return tensor_signature(model), tuple(m.training for m in model.modules())
 
 
 @dataclass

@@ -358,7 +358,7 @@ def occlusion_maps(
         if precision != "fp32":
             with phases("trace"):
                 low = LowPrecision.build(
-                    entry, model, x, ref, full_above, fold_batchnorm, approx_truncate, precision,
+                    model, x, ref, full_above, fold_batchnorm, approx_truncate, precision,
                     approx_precision,
                 )  # fmt: skip
             if low.engine is None:  # no copy or no trace of it: fp32, and the record says why

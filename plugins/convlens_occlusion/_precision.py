@@ -6,10 +6,11 @@ AMX or AVX512-BF16, a CUDA GPU) the same multiply-adds also run 2–4× faster i
 float32 (``docs/benchmarks.md``), so ``--approx`` computes its coarse and drill-down positions
 with a bfloat16 copy of the model:
 
-* the copy (``convlens.engine.precision.low_precision_copy``: ``copy.deepcopy`` of the model,
-  cast to bfloat16, eval mode) is made once per model and kept with the model's other fixed
-  costs (``_cache.ModelEntry.extras``); its traced graph is the float32 graph's twin (the
-  float32 graph was checked against the eager model), probed once with the unoccluded image;
+* the copy (``convlens.engine.precision.low_precision_copy``: cast to bfloat16, channels-last,
+  eval mode) is made once per model and weights and kept by that module, as the deconv rule's
+  measurement also uses it; its traced graph (cached per copy like any model's) is the float32
+  graph's twin (the float32 graph was checked against the eager model), probed once per call
+  with the unoccluded image, whose pass then serves the sweep;
 * **bias correction**: bfloat16 rounding shifts the logits of the occluded images and of the
   unoccluded one alike, so each position's logits are those of the copy plus the difference
   between the float32 and the bfloat16 logits of the unoccluded image (the same for the feature
@@ -31,23 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from convlens.engine.precision import (
-    DTYPES,
-    PRECISIONS,
-    low_precision_copy,
-    native_bf16,
-    resolve_precision,
-)
+from convlens.engine.precision import DTYPES, PRECISIONS, low_precision_copy, resolve_precision
 
 from ._incremental import IncrementalOcclusion, UnsupportedModel
 
-__all__ = [
-    "PRECISIONS",
-    "native_bf16",
-    "resolve_precision",
-    "low_precision_copy",
-    "LowPrecision",
-]
+__all__ = ["PRECISIONS", "resolve_precision", "LowPrecision"]
 
 
 @dataclass
@@ -65,7 +54,6 @@ class LowPrecision:
     @classmethod
     def build(
         cls,
-        entry: Any,
         model: nn.Module,
         x: torch.Tensor,
         ref: Any,
@@ -75,23 +63,18 @@ class LowPrecision:
         fmt: str,
         requested: str,
     ) -> LowPrecision:
-        """The copy and its engine for ``ref``'s layer, made once per model entry, and probed
+        """The copy and its engine for ``ref``'s layer (both cached per model), probed
         with the unoccluded pass of the first image (every op of the graph once: an op with no
         bfloat16 kernel on this device fails here, not in the sweep); on failure an instance with
         ``engine`` None and the ``reason`` (the run then stays in float32)."""
         from ._cache import entry_for
 
         dtype = DTYPES[fmt]
-        key = ("low_precision_copy", fmt)
-        low = entry.extras.get(key)
-        if low is None:
-            try:
-                low = low_precision_copy(model, dtype)
-            except Exception as exc:  # noqa: BLE001 - any model that cannot be copied
-                low = f"the model cannot be copied ({type(exc).__name__}: {exc})"
-            entry.extras[key] = low
-        if isinstance(low, str):
-            return cls(fmt, requested, dtype, reason=low)
+        try:
+            low = low_precision_copy(model, dtype)
+        except Exception as exc:  # noqa: BLE001 - any model that cannot be copied
+            reason = f"the model cannot be copied ({type(exc).__name__}: {exc})"
+            return cls(fmt, requested, dtype, reason=reason)
         low_entry, _ = entry_for(low, x[:1].to(dtype))
         try:
             engine, _, _ = low_entry.engine(

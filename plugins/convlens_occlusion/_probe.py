@@ -282,6 +282,7 @@ class OcclusionProbe(convlens.Probe):
         t0 = time.perf_counter()
         projections, note, rule = _deconv_projections(ctx, x, res)  # rule: (name, layer)
         t1 = time.perf_counter()
+        approx_records = (res.path.get("approx") or {}).get("per_image") or [None] * len(paths)
         for i, p in enumerate(paths):
             image = pre.denormalize(x[i]).permute(1, 2, 0).numpy()
             proj = None if projections is None else projections[i]
@@ -289,7 +290,7 @@ class OcclusionProbe(convlens.Probe):
                 image, res.grid, res.prob_target[i], res.feature_activity[i], res.top_class[i],
                 names, int(res.targets[i]), res.layer, int(res.channels[i]), d["fill_rgb"],
                 proj, Path(p).name, rule,
-                approx=(res.path.get("approx") or {}).get("per_image", [None] * (i + 1))[i],
+                approx=approx_records[i],
             )  # fmt: skip
             fname = f"occlusion_{i:02d}_{Path(p).stem}.png"
             save_png(arr, ctx.out_dir / fname)

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 from convlens_occlusion import OcclusionApproxWarning, occlusion_maps
-from convlens_occlusion import _precision as precision
 from convlens_occlusion._approx import DRILL, DRILL_BF16
-from convlens_occlusion._cache import clear, entry_for
+from convlens_occlusion._cache import clear
 
 import convlens.engine.precision as core_precision
 from convlens.errors import ConvlensError
@@ -39,7 +38,7 @@ def test_bf16_positions_match_a_naive_bf16_loop_and_the_checks_stay_exact(kind):
     assert rec["precision"]["format"] == "bf16" and rec["precision"]["bias_correction"]
     grid, layer, c = res.grid, res.layer, int(res.channels[0])
     exact, _ = naive(model, x, grid, 0.0, layer, c)  # float32, every position
-    low = precision.low_precision_copy(model, torch.bfloat16)
+    low = core_precision.low_precision_copy(model, torch.bfloat16)
     low_logits, _ = naive(low, x.to(torch.bfloat16), grid, 0.0, layer, c)
     with torch.no_grad():
         shift = model(x).float() - low(x.to(torch.bfloat16)).float()
@@ -70,7 +69,7 @@ def test_the_bias_correction_removes_the_copys_error_where_nothing_changes():
     res = _run(model, x, approx_precision="bf16", approx_drill=1.0, approx_truncate=1.0)
     with torch.no_grad():
         clean = model(x).float()[0]
-        low_clean = precision.low_precision_copy(model, torch.bfloat16)(
+        low_clean = core_precision.low_precision_copy(model, torch.bfloat16)(
             x.to(torch.bfloat16)
         ).float()[0]
     raw = float((low_clean - clean).abs().max())
@@ -97,15 +96,25 @@ def test_auto_uses_bf16_only_where_the_hardware_has_it(monkeypatch):
     assert rec["format"] == "fp32" and rec["reason"] is None
 
 
-def test_the_copy_is_made_once_per_model_and_a_model_that_cannot_be_copied_stays_fp32():
+def test_the_copy_is_made_once_per_model_and_a_model_that_cannot_be_copied_stays_fp32(
+    monkeypatch,
+):
     model, shape = tiny_model("functional")
     x = torch.randn(1, *shape[1:], generator=torch.Generator().manual_seed(5))
     clear(model)
+    copies = []
+    deepcopy = core_precision.copy.deepcopy
+
+    def counted(*args, **kwargs):
+        copies.append(deepcopy(*args, **kwargs))
+        return copies[-1]
+
+    monkeypatch.setattr(core_precision.copy, "deepcopy", counted)
     _run(model, x, approx_precision="bf16")
-    entry, _ = entry_for(model, x)
-    copy1 = entry.extras[("low_precision_copy", "bf16")]
     _run(model, x, approx_precision="bf16")
-    assert entry.extras[("low_precision_copy", "bf16")] is copy1
+    assert len(copies) == 1  # the second call (and choose_rule) reuse the copy
+    assert core_precision.low_precision_copy(model) is copies[0]
+    monkeypatch.undo()
 
     odd, _ = tiny_model("functional")
     odd.lock = threading.Lock()  # deepcopy refuses it

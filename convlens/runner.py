@@ -329,15 +329,15 @@ def _class_name(model: nn.Module, idx: int) -> str:
 def write_overview(ctx: ProbeContext, out_root: Path) -> dict[str, Any]:
     """The core's own report section: the model, its top-5 predictions on the images, and its
     layers with output shapes and receptive fields."""
-    from convlens.engine.recorder import record
+    from convlens.engine.layers import traced_pass
 
     model = ctx.model
     x, paths = _first_images(ctx, 16)
     x = x.to(ctx.device)
-    # one forward pass gives the trace (first image) and the predictions
+    # the first image's traced pass gives the layers and its prediction (read back when a probe
+    # such as occlusion already ran it on the same image); one more pass predicts the others
+    rec, first = traced_pass(model, x[:1])
     with torch.inference_mode():
-        with record(model, switches=False, trace=True) as rec:
-            first = model(x[:1])
         logits = torch.cat([first, model(x[1:])]) if x.shape[0] > 1 else first
     preds = []
     if logits.dim() == 2:

@@ -93,3 +93,29 @@ def test_staging_swaps_whole_folders_and_the_lock_is_reentrant(tmp_path):
     (tmp_path / "out" / ".probe.staging-99999").mkdir()
     with output_lock(tmp_path / "out"):
         assert not (tmp_path / "out" / ".probe.staging-99999").exists()
+
+
+def test_the_overview_reads_back_the_probes_pass_of_the_first_image(tmp_path, images):
+    """The report's overview lists layers and predictions from the traced pass occlusion already
+    ran on the same image (``engine.traced_pass``): the run makes no more passes of that image
+    with the overview than without it, and the predictions equal the model's own."""
+    from convlens.data import Preprocess, load_batch
+
+    first = sorted(images.iterdir())[0]
+    counts = []
+    for overview in (False, True):
+        model = tiny()
+        seen: list[torch.Tensor] = []
+        model.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0].clone()))
+        convlens.run_probe("occlusion", model, images=[first], out=tmp_path / str(overview),
+                           device="cpu", window=16, stride=16, overview=overview)  # fmt: skip
+        x, _ = load_batch([first], Preprocess.for_model(model))
+        counts.append(sum(t.shape == x.shape and torch.equal(t, x) for t in seen))
+    assert counts[0] == counts[1] >= 1
+    data = json.loads((tmp_path / "True" / "overview" / "overview.json").read_text())
+    with torch.no_grad():
+        probs = model.eval()(x).softmax(-1)[0]
+    top = data["predictions"][0]["top5"][0]
+    assert top["class"] == int(probs.argmax()) and top["prob"] == pytest.approx(float(probs.max()))
+    leaves = [n for n, m in model.named_modules() if n and not list(m.children())]
+    assert [c["name"] for c in data["layers"]][0] == leaves[0]

@@ -9,6 +9,7 @@ from convlens.engine.layers import (
     resolve_layers,
     top_conv_layer,
     trace_model,
+    traced_pass,
     unsaturated,
 )
 from convlens.engine.receptive import ReceptiveField
@@ -25,6 +26,7 @@ __all__ = [
     "resolve_layers",
     "layer_names",
     "trace_model",
+    "traced_pass",
     "top_conv_layer",
     "depth_layers",
     "unsaturated",

@@ -8,7 +8,9 @@ in the root ``forward``). ``K`` selects the K-th call (0-based) of a module that
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +24,7 @@ __all__ = [
     "resolve_layers",
     "layer_names",
     "trace_model",
+    "traced_pass",
     "top_conv_layer",
     "depth_layers",
     "unsaturated",
@@ -114,6 +117,43 @@ def trace_model(model: nn.Module, x: torch.Tensor | None = None):
     finally:
         model.train(was_training)
     return rec
+
+
+# the latest traced pass of each model: (key, input, recording, output); weak on the model
+_PASSES: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+
+
+def traced_pass(model: nn.Module, x1: torch.Tensor) -> tuple[Any, Any]:
+    """``(recording, output)`` of one eval-mode inference pass of ``model`` on ``x1``
+    (``[1, C, H, W]``) with the engine's trace (layer calls, shapes, receptive fields; no
+    activations or switches kept).
+
+    Made once and shared: occlusion reads its default layer off this trace and checks its traced
+    graph against this output, and the report's overview lists its layers and predictions from the
+    same pass. A later call with the same weights and modes (``tensor_signature`` and every
+    module's training flag) and an equal image returns the stored pair without running the model.
+    Only the latest image of each model is kept; the model is held weakly."""
+    from convlens.engine.precision import tensor_signature
+    from convlens.engine.recorder import record
+
+    key = (
+        tensor_signature(model), tuple(m.training for m in model.modules()),
+        tuple(x1.shape), x1.dtype, str(x1.device),
+    )  # fmt: skip
+    found = _PASSES.get(model)
+    if found is not None and found[0] == key and torch.equal(found[1], x1):
+        return found[2], found[3]
+    was = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), record(model, switches=False, trace=True) as rec:
+            out = model(x1)
+    finally:
+        model.train(was)
+    rec.activations = {}
+    rec.model = weakref.proxy(model)  # the stored pass must not keep the model alive
+    _PASSES[model] = (key, x1.detach().clone(), rec, out)
+    return rec, out
 
 
 def top_conv_layer(model: nn.Module, rec=None) -> str:

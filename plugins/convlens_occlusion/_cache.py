@@ -66,23 +66,15 @@ class ModelEntry:
 
     def trace(self, model: nn.Module, x1: torch.Tensor):
         """The engine's trace of one forward pass in eval mode (layer calls, shapes, receptive
-        fields, as ``convlens.engine.trace_model`` records them), made once per model and input
-        size. The logits of that pass are kept with its image (``trace_output``) when the model
-        is in eval mode: the graph check compares against them instead of another pass."""
+        fields: ``convlens.engine.traced_pass``, whose pass the report's overview reads back),
+        made once per model and input size. The logits of that pass are kept with its image
+        (``trace_output``) when the model is in eval mode: the graph check compares against them
+        instead of another pass."""
         if self.recording is None:
-            from convlens.engine.recorder import record
+            from convlens.engine.layers import traced_pass
 
-            was = model.training
-            model.eval()
-            try:
-                with torch.inference_mode(), record(model, switches=False, trace=True) as rec:
-                    out = model(x1[:1])
-            finally:
-                model.train(was)
-            rec.activations = {}
-            rec.model = weakref.proxy(model)  # the cache must not keep the model alive
-            self.recording = rec
-            if not was and isinstance(out, torch.Tensor):
+            self.recording, out = traced_pass(model, x1[:1])
+            if not model.training and isinstance(out, torch.Tensor):
                 self.trace_output = (x1[:1].detach().clone(), out)
         return self.recording
 

@@ -206,3 +206,53 @@ def test_a_recording_is_freed_at_once_not_by_the_cyclic_collector():
             assert ref() is None, kw
     finally:
         gc.enable()
+
+
+def _counting(model: nn.Module) -> list[int]:
+    calls = [0]
+    model.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_traced_pass_is_one_pass_shared_until_weights_modes_or_image_change():
+    """The trace and output of ``traced_pass`` equal a fresh ``record`` pass; a second call with
+    the same image runs nothing, and any change of weights, mode or image runs the model again."""
+    from convlens.engine import traced_pass
+
+    model, shape = tiny_model("chain")
+    model.eval()
+    calls = _counting(model)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    rec, out = traced_pass(model, x)
+    with torch.no_grad(), record(model, switches=False, trace=True) as ref:
+        expected = model(x)
+    assert calls[0] == 2 and torch.equal(out, expected)
+    assert [(c.name, c.output_shape) for c in rec.trace] == [
+        (c.name, c.output_shape) for c in ref.trace
+    ]
+    assert rec.activations == {}  # the stored pass keeps no activations
+    assert traced_pass(model, x.clone())[1] is out and calls[0] == 2  # equal image: stored
+    traced_pass(model, x + 1)
+    assert calls[0] == 3  # another image
+    traced_pass(model, x + 1)
+    with torch.no_grad():
+        model.features.conv1.weight.mul_(2)  # an in-place weight update
+    _, out2 = traced_pass(model, x + 1)
+    assert calls[0] == 4 and not torch.equal(out2, out)
+    model.train()
+    traced_pass(model, x + 1)
+    assert calls[0] == 5 and model.training  # another mode; the pass itself ran in eval mode
+
+
+def test_traced_pass_holds_the_model_weakly():
+    import gc
+    import weakref
+
+    from convlens.engine import traced_pass
+
+    model, shape = tiny_model("chain")
+    traced_pass(model.eval(), torch.zeros(shape))
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

@@ -474,10 +474,15 @@ def _run_probe(
     overview, note_sink, model_kw,
 ) -> ProbeResult:  # fmt: skip
     from convlens.data import default_images
+    from convlens.render import preload
 
     dev = resolve_device(device)
     seed_everything(seed)
-    net, label = load_model(model, weights=weights, device=dev, host=host, **model_kw)
+    preload.start()  # matplotlib's import, for the figures, behind the model's creation
+    try:
+        net, label = load_model(model, weights=weights, device=dev, host=host, **model_kw)
+    finally:
+        preload.wait()  # never two threads importing matplotlib; none left behind
     if any(model_kw[k] is not None for k in ("mean", "std", "input_size")) and note_sink:
         from convlens.data import Preprocess
 

@@ -196,6 +196,7 @@ def project(
     image_batch: int = 16,
     seed_batch: int | None = None,
     progress: Callable[[int], None] | None = None,
+    recording: Any = None,
 ) -> Projection:
     """Project each seed's activation at ``layer`` down to input pixels (Section 2.1).
 
@@ -207,6 +208,10 @@ def project(
     ``image_batch``: images per forward pass; ``seed_batch``: projections per reverse pass of the
     chain form (default: as many as fit ``WINDOW_BUDGET`` bytes of windows, at most 48).
     ``progress(n)`` is called as projections complete.
+    ``recording``: an eval-mode recording of this very ``inputs`` batch stopped at ``layer``,
+    with its switches and the layers the chain reads (:func:`forward_for_chain`); the chain form
+    then reads it instead of running the forward pass again (``image_specificity`` records once
+    for its units and its projections). Ignored by the general form, and where it lacks a layer.
     Returns a :class:`Projection` with ``projections`` ``[len(seeds), C, H, W]``.
     """
     _check(inputs, mode, start, method, rule)
@@ -232,6 +237,7 @@ def project(
             seed_batch,
             progress or _no_progress,
             rule,
+            recording,
         )
         ops: dict[str, int] = {}
     else:
@@ -269,6 +275,7 @@ def _project_chain(
     seed_batch,
     progress,
     rule="deconvnet",
+    recording=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.zeros(len(seeds), *inputs.shape[1:], dtype=inputs.dtype, device=inputs.device)
     raw_all = torch.zeros(len(seeds), dtype=inputs.dtype, device=inputs.device)
@@ -277,13 +284,18 @@ def _project_chain(
         extra += plan.rectifier_inputs
     functional = any("/" in n for n in [layer, *extra])
     groups = _by_image(seeds)
+    if recording is not None and not _holds(recording, [layer, *extra], inputs.shape[0]):
+        recording = None
+    if recording is not None:  # one chunk of every image, rows as in ``inputs``
+        groups = {img: groups.get(img, []) for img in range(inputs.shape[0])}
+        image_batch = max(image_batch, inputs.shape[0])
     was_training = model.training
     model.eval()
     try:
         for imgs in _chunks(list(groups), image_batch):
             row_of = {img: r for r, img in enumerate(imgs)}
             with torch.no_grad():
-                rec = recorded_forward(
+                rec = recording or recorded_forward(
                     model,
                     inputs[imgs],
                     [layer, *extra],
@@ -311,6 +323,29 @@ def _project_chain(
     finally:
         model.train(was_training)
     return out, raw_all
+
+
+def forward_for_chain(model: nn.Module, inputs: torch.Tensor, layer: str):
+    """The recording :func:`project`'s chain form makes for the deconvnet rule in paper mode
+    (``layer``'s activation and the switches below it, eval mode, stopped at ``layer``), for
+    callers that also need the activation: pass it back as ``project(..., recording=...)``."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return recorded_forward(
+                model, inputs, [layer], layer, switches=True, trace=False, functional="/" in layer
+            )
+    finally:
+        model.train(was_training)
+
+
+def _holds(rec, layers: Sequence[str], n: int) -> bool:
+    """Whether ``rec`` recorded every one of ``layers`` for ``n`` images, with switches."""
+    try:
+        return all(rec[name].shape[0] == n for name in layers) and rec.passes == 1
+    except ConvlensError:
+        return False
 
 
 def _project_general(

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from convlens_deconv._project import Seed, layer_activation, project
+from convlens_deconv._project import Seed, forward_for_chain, layer_activation, project
 
 __all__ = [
     "RuleChoice",
@@ -140,15 +140,19 @@ def image_specificity(
     mode: str = "paper",
     method: str = "auto",
     act: torch.Tensor | None = None,
+    recording: Any = None,
 ) -> tuple[float | None, int, list[tuple[int, int, int]]]:
     """``(figure, pairs, units)``: the image_specificity of ``rule`` at ``layer`` over the images
-    ``inputs`` ``[N, 3, H, W]`` (N >= 2; module docstring)."""
+    ``inputs`` ``[N, 3, H, W]`` (N >= 2; module docstring). ``act``: ``layer``'s activation on
+    ``inputs`` where the caller has it; ``recording``: the chain form's forward pass
+    (``forward_for_chain``), read instead of run again."""
     if inputs.shape[0] < 2:
         return None, 0, []
     act = layer_activation(model, inputs, layer) if act is None else act
     chosen = _units(act, units)
     seeds = [Seed(i, c, y, x) for c, y, x in chosen for i in range(inputs.shape[0])]
-    res = project(model, inputs, layer, seeds, rule=rule, mode=mode, method=method, start="one")
+    res = project(model, inputs, layer, seeds, rule=rule, mode=mode, method=method, start="one",
+                  recording=recording)  # fmt: skip
     n = inputs.shape[0]
     groups = [list(range(u * n, (u + 1) * n)) for u in range(len(chosen))]
     fig, pairs = _mean_cosine(res.projections, groups)
@@ -194,7 +198,8 @@ def choose_rule(
     choice = None
     if fmt != "fp32":
         try:
-            low = low_precision_copy(model, DTYPES[fmt])
+            # the measurement never runs past the layer: the head stays float32, uncopied
+            low = low_precision_copy(model, DTYPES[fmt], through=_module_of(model, layer))
             low_inputs = inputs.to(DTYPES[fmt]).contiguous(memory_format=torch.channels_last)
             choice = _choose_rule(low, low_inputs, layer, requested, units=units, mode=mode,
                                   method=method)  # fmt: skip
@@ -215,6 +220,14 @@ def choose_rule(
     return choice
 
 
+def _module_of(model: nn.Module, layer: str) -> str | None:
+    """The module whose subtree computes ``layer`` (a functional op's parent module; None for
+    an op in the root ``forward``: the whole model is then cast)."""
+    from convlens.engine import resolve_layer
+
+    return resolve_layer(model, layer).name.split("/")[0] or None
+
+
 def _choose_rule(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -225,13 +238,17 @@ def _choose_rule(
     mode: str,
     method: str,
 ) -> RuleChoice:
-    act = layer_activation(model, inputs, layer)
+    # one forward pass gives the units' activations and, for the deconvnet in paper mode (the
+    # rule measured first), the switches its projections need
+    rec = forward_for_chain(model, inputs, layer) if method != "general" else None
+    act = rec[layer] if rec is not None else layer_activation(model, inputs, layer)
     n = int(inputs.shape[0])
 
     def measure(rule: str) -> tuple[float | None, int, list]:
         return image_specificity(
-            model, inputs, layer, rule, units=units, mode=mode, method=method, act=act
-        )
+            model, inputs, layer, rule, units=units, mode=mode, method=method, act=act,
+            recording=rec if rule == "deconvnet" and mode == "paper" else None,
+        )  # fmt: skip
 
     if requested != "auto":
         f, p, u = measure(requested)

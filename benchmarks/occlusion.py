@@ -181,6 +181,9 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     host = get_host()
     load_model({model!r}, host=host)
+import os, sys
+sys.stdout.flush()
+os._exit(0)  # as the command ends (``convlens.cli._fast_exit``): no interpreter teardown
 """
 
 

@@ -3,6 +3,8 @@ codes only in ``_errors.py``."""
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
 from typing import Annotated
 
@@ -91,7 +93,40 @@ def expand_multi(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The ``convlens`` command. Run as the process itself (``argv`` None: the console script,
+    ``python -m convlens``) it ends through :func:`_fast_exit`; called with ``argv`` it raises
+    ``SystemExit`` as usual."""
     _console.install_warning_handler()
     app = build_app()
     args = expand_multi(list(sys.argv[1:] if argv is None else argv))
-    sys.exit(app(args=args, prog_name="convlens", standalone_mode=True) or 0)
+    try:
+        code = app(args=args, prog_name="convlens", standalone_mode=True) or 0
+    except SystemExit as exc:
+        code = exc.code
+    if argv is None and os.environ.get("CONVLENS_FAST_EXIT", "1") != "0":
+        _fast_exit(code)
+    sys.exit(code)
+
+
+def _fast_exit(code: object) -> None:
+    """End the process without the interpreter's teardown: run the ``atexit`` handlers (temporary
+    folders, multiprocessing, logging), flush the standard streams, then ``os._exit``. The teardown
+    skipped is a final garbage collection over every object torch, timm, matplotlib and the
+    probes left (1.5–1.9 s on 2 cores after an occlusion run on vgg16, all files long closed).
+    ``CONVLENS_FAST_EXIT=0`` restores the ordinary exit."""
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code & 0xFF
+    else:  # what ``sys.exit("message")`` does: the message on stderr, status 1
+        print(code, file=sys.stderr)
+        status = 1
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed or broken pipe: nothing left to save
+                pass
+        os._exit(status)

@@ -190,8 +190,14 @@ os._exit(0)  # as the command ends (``convlens.cli._fast_exit``): no interpreter
 def cli_bench(name: str, window: int, stride: int, target: int, ppe: int, repeats: int) -> dict:
     """The CLI comparison of issue #16: ``convlens probe occlusion`` as a subprocess (wall clock,
     minus its start-up: interpreter, imports, plugin host and model creation, measured by a
-    subprocess that does only that) against Captum's ``Occlusion.attribute`` in this process, on
-    the same image (the bundled coffee photo), square, stride and target."""
+    subprocess that does only that and ends as the command does) against Captum's
+    ``Occlusion.attribute`` in this process, on the same image (the bundled coffee photo),
+    square, stride and target.
+
+    Each repeat runs, in turn: the start-up; a *first* CLI run (a new, empty convlens cache
+    folder: panel (c)'s deconv rule is measured, as for weights never seen before); a *later*
+    run (the same cache: the rule is read back); Captum. Medians and minima of each are kept
+    (the machine may be shared: compare the ratios)."""
     import json
     import os
     import shutil
@@ -201,11 +207,6 @@ def cli_bench(name: str, window: int, stride: int, target: int, ppe: int, repeat
 
     from convlens.data import sample
 
-    # a cache folder of its own, empty at first: the first CLI run measures panel (c)'s rule
-    # (cold), later ones read it back as any later run on the same weights does (warm)
-    cache = tempfile.mkdtemp(prefix="convlens-bench-cache-")
-    env = dict(os.environ, CONVLENS_NO_PROGRESS="1", PYTHONWARNINGS="ignore",
-               CONVLENS_CACHE=cache)  # fmt: skip
     image = str(sample("coffee").path)
     cmd = [sys.executable, "-m", "convlens", "probe", "occlusion", "--model", name, "--images",
            image, "--window", str(window), "--stride", str(stride), "--target", str(target)]  # fmt: skip
@@ -213,37 +214,53 @@ def cli_bench(name: str, window: int, stride: int, target: int, ppe: int, repeat
         warnings.simplefilter("ignore")
         model = create_model(name)
     x, _ = load_batch([sample("coffee").path], Preprocess.for_model(model))
-    t_cli, t_start, t_captum, phases = [], [], [], {}
-    for _ in range(repeats):  # alternate, keep the best of each
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", _STARTUP.format(model=name)], env=env, check=True)
-        t_start.append(time.perf_counter() - t)
+    t = {"startup": [], "first": [], "later": [], "captum": []}
+    phases: dict[str, dict] = {}
+    meta: dict = {}
+
+    def cli(env: dict, kind: str) -> None:
+        nonlocal meta
         with tempfile.TemporaryDirectory() as out:
-            t = time.perf_counter()
+            t0 = time.perf_counter()
             subprocess.run([*cmd, "--out", out], env=env, check=True, stdout=subprocess.DEVNULL)
-            t_cli.append(time.perf_counter() - t)
+            t[kind].append(time.perf_counter() - t0)
             with open(os.path.join(out, "occlusion", "occlusion.json"), encoding="utf-8") as fh:
                 meta = json.load(fh)
-            if t_cli[-1] == min(t_cli):
-                phases = meta["phases"]
-        t = time.perf_counter()
+        if t[kind][-1] == min(t[kind]):
+            phases[kind] = meta["phases"]
+
+    for _ in range(repeats):
+        cache = tempfile.mkdtemp(prefix="convlens-bench-cache-")
+        env = dict(os.environ, CONVLENS_NO_PROGRESS="1", PYTHONWARNINGS="ignore",
+                   CONVLENS_CACHE=cache)  # fmt: skip
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", _STARTUP.format(model=name)], env=env, check=True)
+        t["startup"].append(time.perf_counter() - t0)
+        cli(env, "first")
+        cli(env, "later")
+        shutil.rmtree(cache, ignore_errors=True)
+        t0 = time.perf_counter()
         with torch.no_grad():
             captum_map(model, x, window, stride, target, ppe)
-        t_captum.append(time.perf_counter() - t)
-    shutil.rmtree(cache, ignore_errors=True)
-    work = min(t_cli) - min(t_start)
+        t["captum"].append(time.perf_counter() - t0)
+    med = {k: float(np.median(v)) for k, v in t.items()}
+    low = {k: min(v) for k, v in t.items()}
+    work = {k: {"median": med[k] - med["startup"], "min": low[k] - low["startup"]}
+            for k in ("first", "later")}  # fmt: skip
     return {
-        "cold_work_s": t_cli[0] - min(t_start),
-        "warm_work_s": min(t_cli[1:]) - min(t_start) if len(t_cli) > 1 else None,
         "model": name,
         "window": window,
         "stride": stride,
         "positions": meta["grid"]["rows"] * meta["grid"]["cols"],
-        "cli_s": min(t_cli),
-        "startup_s": min(t_start),
-        "cli_work_s": work,
-        "captum_s": min(t_captum),
-        "ratio": min(t_captum) / work,
+        "repeats": repeats,
+        "times": t,
+        "startup_s": med["startup"],
+        "captum_s": med["captum"],
+        "work": work,
+        "ratio": {
+            k: {m: (med if m == "median" else low)["captum"] / v for m, v in w.items()}
+            for k, w in work.items()
+        },  # fmt: skip
         "phases": phases,
         "path": meta["path"]["method"],
     }
@@ -294,17 +311,23 @@ def main(argv: list[str] | None = None) -> int:
                       7 if args.target is None else args.target, args.ppe, args.repeats)  # fmt: skip
         print(
             f"CLI {r['model']} window {r['window']} stride {r['stride']} ({r['positions']} "
-            f"positions), {r['path']}: CLI {r['cli_s']:.2f} s - start-up {r['startup_s']:.2f} s "
-            f"= {r['cli_work_s']:.2f} s; Captum (perturbations_per_eval={args.ppe}) "
-            f"{r['captum_s']:.2f} s; Captum / CLI {r['ratio']:.2f}x"
+            f"positions), {r['path']}, {r['repeats']} repeats; start-up (imports, host, model) "
+            f"median {r['startup_s']:.2f} s; Captum (perturbations_per_eval={args.ppe}) median "
+            f"{r['captum_s']:.2f} s"
         )
-        warm = r["warm_work_s"]
-        print(
-            f"first run (panel (c)'s rule measured): {r['cold_work_s']:.2f} s = "
-            f"{r['captum_s'] / r['cold_work_s']:.2f}x Captum; later runs (rule read back): "
-            + (f"{warm:.2f} s = {r['captum_s'] / warm:.2f}x" if warm else "n/a (--repeats 1)")
-        )
-        print("phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items()))
+        for kind, label in (("first", "first run (rule measured)"),
+                            ("later", "later runs (rule read back)")):  # fmt: skip
+            w, q = r["work"][kind], r["ratio"][kind]
+            print(
+                f"{label}: CLI - start-up median {w['median']:.2f} s = {q['median']:.2f}x "
+                f"Captum; best {w['min']:.2f} s = {q['min']:.2f}x (best vs best)"
+            )
+        for kind, ph in r["phases"].items():
+            print(f"phases of the best {kind} run (s): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))  # fmt: skip
+        print("all times (s): " + "; ".join(
+            f"{k} " + " ".join(f"{v:.2f}" for v in vs) for k, vs in r["times"].items()
+        ))  # fmt: skip
         return 0
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; "

@@ -126,6 +126,11 @@ class _Phases:
         return out
 
 
+#: Mean multiply-adds per convolution/linear layer and position above which the sweep keeps
+#: torch's thread count without a one-thread trial (``_ThreadTuner.skip_if_heavy``).
+HEAVY_OP_MACS = 50e6
+
+
 class _ThreadTuner:
     """Intra-op threads for the sweep's batches. The incremental path runs many small ops, which
     lose to threading overhead when the cores are shared (OpenMP threads then wait for each other):
@@ -149,6 +154,18 @@ class _ThreadTuner:
         self.schedule = [self.initial, 1, self.initial] if tune else []
         self.tuned = tune
         self.times: dict[int, float] = {}
+        self.skipped: str | None = None
+
+    def skip_if_heavy(self, flops: dict[str, Any] | None) -> None:
+        """No trial where the planned work is heavy: convolutions averaging at least
+        :data:`HEAVY_OP_MACS` multiply-adds per position keep every thread busy (vgg16 at 224:
+        165 M), and the one-thread trial batch would only cost time (0.3 s there)."""
+        if not self.schedule or len(self.schedule) < 3 or not flops or not flops.get("layers"):
+            return
+        per_op = float(flops.get("macs_executed", 0)) / len(flops["layers"])
+        if per_op >= HEAVY_OP_MACS:
+            self.schedule = []
+            self.skipped = f"{per_op / 1e6:.0f} M multiply-adds per layer and position"
 
     @contextlib.contextmanager
     def batch(self, positions: int) -> Iterator[None]:
@@ -175,6 +192,8 @@ class _ThreadTuner:
         }
         if self.tuned:
             out["initial"] = self.initial
+        if self.skipped:
+            out["trial_skipped"] = self.skipped
         if self.cached:
             out["cached"] = True
         return out
@@ -449,6 +468,7 @@ def occlusion_maps(
                             engine, cache, plans,
                             tuners["incremental"].explicit or tuners["incremental"].initial,
                         )  # fmt: skip
+                        tuners["incremental"].skip_if_heavy(flops)
 
                 per_batch: list[int] = [0]
 

@@ -358,6 +358,31 @@ def test_in_place_write_into_a_value_read_later_is_not_patched():
     assert _rel(torch.as_tensor(res.logits[0]).reshape(len(res.grid), -1), logits) <= TOL
 
 
+def test_no_one_thread_trial_where_every_layer_is_heavy(monkeypatch):
+    """Above ``HEAVY_OP_MACS`` multiply-adds per layer and position the sweep keeps torch's
+    thread count without a trial batch, says why, and computes the same map."""
+    from convlens_occlusion import _cache, _compute
+
+    model, shape = tiny_model("chain")
+    x = torch.randn(1, *shape[1:], generator=torch.Generator().manual_seed(4))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _cache.clear(model)
+        tuned = occlusion_maps(model, x, window=7, stride=3, batch_size=8)
+        assert set(tuned.path["threads"]["incremental"]["tuned_seconds_per_position"]) == {"1", "2"}
+        per_op = tuned.path["flops"]["macs_executed"] / len(tuned.path["flops"]["layers"])
+        monkeypatch.setattr(_compute, "HEAVY_OP_MACS", per_op)  # this model is now "heavy"
+        _cache.clear(model)
+        heavy = occlusion_maps(model, x, window=7, stride=3, batch_size=8)
+        info = heavy.path["threads"]["incremental"]
+        assert info["threads"] == 2 and info["tuned_seconds_per_position"] == {}
+        assert "multiply-adds per layer and position" in info["trial_skipped"]
+        assert _rel(heavy.prob_target, tuned.prob_target) <= TOL
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_bad_arguments_are_errors():
     model, shape = tiny_model("chain")
     x = torch.randn(1, *shape[1:])

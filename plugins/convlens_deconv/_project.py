@@ -122,9 +122,17 @@ def choose_method(
     return _choose(model, inputs, layer, mode, method, rule)[:3]
 
 
-def _choose(model, inputs, layer, mode, method, rule="deconvnet"):
+#: Up to this many images, :func:`project` (deconvnet, paper mode) makes one pass for the chain's
+#: plan and its switches instead of a traced pass of one image and another of all of them.
+SHARED_PASS_IMAGES = 4
+
+
+def _choose(model, inputs, layer, mode, method, rule="deconvnet", recording=None):
     resolve_layer(model, layer)  # a misspelt layer fails here, with close matches
-    rec = trace_to(model, inputs[:1], layer)  # the trace up to the layer is all a plan needs
+    if recording is not None and recording.trace:  # a recording with its trace: plan from it
+        rec = recording
+    else:
+        rec = trace_to(model, inputs[:1], layer)  # the trace up to the layer is all a plan needs
     rf = rec.rf(layer)
     if method == "general":
         return "general", None, "requested", rf
@@ -220,7 +228,14 @@ def project(
     seeds = list(seeds)
     if not seeds:
         raise ConvlensError("project: no seeds given")
-    chosen, plan, reason, rf = _choose(model, inputs, layer, mode, method, rule)
+    if (
+        recording is None and method != "general" and rule == "deconvnet" and mode == "paper"
+        and inputs.shape[0] <= SHARED_PASS_IMAGES
+    ):  # fmt: skip
+        # a few images: one pass gives the plan's trace and the chain's switches (a fallback to
+        # the general form then wastes a pass of these few images instead of one)
+        recording = forward_for_chain(model, inputs, layer)
+    chosen, plan, reason, rf = _choose(model, inputs, layer, mode, method, rule, recording)
     if chosen == "chain":
         if seed_batch is None:
             per_seed = 3 * 4 * plan.window_elements()  # a window and two temporaries, float32
@@ -326,15 +341,17 @@ def _project_chain(
 
 
 def forward_for_chain(model: nn.Module, inputs: torch.Tensor, layer: str):
-    """The recording :func:`project`'s chain form makes for the deconvnet rule in paper mode
-    (``layer``'s activation and the switches below it, eval mode, stopped at ``layer``), for
-    callers that also need the activation: pass it back as ``project(..., recording=...)``."""
+    """One eval-mode pass of ``inputs`` stopped at ``layer`` that serves the whole chain form of
+    the deconvnet rule in paper mode: ``layer``'s activation, the switches below it and the
+    trace (functional ops included) the chain's plan is built from. For callers that also need
+    the activation: pass it back as ``project(..., recording=...)``; :func:`project` makes it
+    itself for at most :data:`SHARED_PASS_IMAGES` images."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             return recorded_forward(
-                model, inputs, [layer], layer, switches=True, trace=False, functional="/" in layer
+                model, inputs, [layer], layer, switches=True, trace=True, functional=True
             )
     finally:
         model.train(was_training)

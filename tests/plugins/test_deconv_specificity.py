@@ -193,3 +193,71 @@ def test_a_bad_precision_is_a_convlens_error():
     x = torch.randn(2, *shape[1:])
     with pytest.raises(ConvlensError, match="precision 'fp8'"):
         choose_rule(model, x, "features.conv3", cache=False, precision="fp8")
+
+
+def _count_passes(model: nn.Module) -> list[int]:
+    calls = [0]
+    model.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_one_forward_pass_serves_the_units_the_plan_and_the_deconvnet_projections(monkeypatch):
+    """``choose_rule`` records the layer once (units, switches, the plan's trace) and its deconvnet
+    projections read that recording: the same figure and projections as separate passes."""
+    from convlens_deconv import _project
+    from convlens_deconv._project import forward_for_chain
+
+    model, shape = tiny_model("chain", lrn=False)
+    x = torch.randn(3, *shape[1:], generator=torch.Generator().manual_seed(2))
+    calls = _count_passes(model)
+    choice = choose_rule(model, x, "conv3", cache=False, precision="fp32")
+    assert calls[0] == 1  # one pass for the whole measurement
+    fig, pairs, units = image_specificity(model, x, "conv3", "deconvnet")
+    assert calls[0] == 1 + 2  # separately: the units' pass, then project's own
+    assert choice.rule == "deconvnet" and choice.figures["deconvnet"] == fig
+    assert [tuple(u) for u in choice.units] == units
+    seeds = [Seed(i, c, y, xx) for c, y, xx in units for i in range(3)]
+    rec = forward_for_chain(model, x, "conv3")
+    shared = project(model, x, "conv3", seeds, start="one", recording=rec).projections
+    # the old route, for reference: a traced pass of one image, then a pass of all three
+    monkeypatch.setattr(_project, "SHARED_PASS_IMAGES", 0)
+    own = project(model, x, "conv3", seeds, start="one").projections
+    assert torch.equal(shared, own) and own.abs().sum() > 0
+    # a recording of other images is not read (its batch does not match)
+    other = forward_for_chain(model, x[:2], "conv3")
+    mixed = project(model, x, "conv3", seeds, start="one", recording=other).projections
+    assert torch.equal(mixed, own)
+
+
+def test_project_traces_one_image_when_many_are_given(monkeypatch):
+    """Above ``SHARED_PASS_IMAGES`` images the plan comes from a traced pass of one image (a
+    fallback to the general form must not waste a pass of them all); same projections."""
+    from convlens_deconv import _project
+
+    model, shape = tiny_model("chain", lrn=False)
+    x = torch.randn(3, *shape[1:], generator=torch.Generator().manual_seed(6))
+    seeds = [Seed(i, 1, 1, 1) for i in range(3)]
+    calls = _count_passes(model)
+    few = project(model, x, "conv3", seeds).projections
+    assert calls[0] == 1
+    monkeypatch.setattr(_project, "SHARED_PASS_IMAGES", 2)
+    many = project(model, x, "conv3", seeds).projections
+    assert calls[0] == 1 + 2 and torch.equal(few, many)
+
+
+def test_the_bf16_copy_for_the_rule_casts_only_what_runs_up_to_the_layer():
+    import convlens.engine.precision as core
+
+    model = quiet("vgg11")
+    low = core.low_precision_copy(model, torch.bfloat16, through="features.15")
+    assert low.features[13].weight.dtype == torch.bfloat16
+    assert low.pre_logits.fc1.weight is model.pre_logits.fc1.weight  # shared, not copied
+    assert low.head.fc.weight.dtype == torch.float32
+    assert core.low_precision_copy(model, torch.bfloat16, through="features.15") is low
+    whole = core.low_precision_copy(model, torch.bfloat16)
+    assert whole is not low and whole.head.fc.weight.dtype == torch.bfloat16
+    x = torch.randn(1, 3, 64, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError):  # past the layer the copy fails loudly, never silently
+        low(x)
+    with pytest.raises(Exception, match="no module 'nope'"):
+        core.low_precision_copy(model, torch.bfloat16, through="nope")

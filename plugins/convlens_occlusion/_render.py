@@ -158,7 +158,7 @@ def figure(
                  color="#b00000" if missed and i == d_index else "black")  # fmt: skip
     if projection is not None:  # (c) has no absolute scale: say how it is drawn
         fig.text((pad + 2 * tile_w + (tile_w - pad) / 2) / total_w, 4 / total_h,
-                 "each image on its own scale (99.5th pct of |p|); grey = 0",
+                 "each image on its own scale\n(99.5th pct of |p|); grey = 0",
                  ha="center", va="bottom", fontsize=6, color="#333333")  # fmt: skip
     # colour bars with the absolute values of (b) and (d); a nearly flat map says so
     for i, values, unit in ((1, feature, "summed activation"), (d_index, prob, "probability")):
@@ -173,7 +173,8 @@ def figure(
         spread = (hi - lo) / max(abs(hi), abs(lo), 1e-12)
         note = unit
         if spread < FLAT:
-            note = f"{unit} — nearly flat: range {spread:.1%} of its value"
+            # two lines: one would run into the next panel's caption (a tile is ~48 characters)
+            note = f"{unit} — nearly flat:\nrange {spread:.1%} of its value"
         fig.text((pad + i * tile_w + (tile_w - pad) / 2) / total_w, 4 / total_h, note,
                  ha="center", va="bottom", fontsize=6,
                  color="#b00000" if spread < FLAT else "#333333")  # fmt: skip

@@ -3,9 +3,9 @@
 Every probe labels its figures with matplotlib, whose import costs 0.5–1 s on two cores, all of it
 Python on one core. Building the model is mostly ATen work (random initialisation, reading
 weights) that releases the GIL, so :func:`start` at the beginning of a run hides the import behind
-it; :func:`wait` (called by the runner before a probe renders, and on every way out of a run)
+it; :func:`wait` (called by the runner as soon as the model is built, or has failed to build)
 joins the thread, so no two threads ever import matplotlib at once and no import outlives the
-run. Measured on vgg16 (2 cores): model creation 5.72 s then the import 0.87 s in sequence, 5.82 s
+model's creation. Measured on vgg16 (2 cores): model creation 5.72 s then the import 0.87 s in sequence, 5.82 s
 for both together.
 
 A failed import here is silent: the figure code imports matplotlib itself and reports it there.

@@ -234,6 +234,7 @@ def project(
     ):  # fmt: skip
         # a few images: one pass gives the plan's trace and the chain's switches (a fallback to
         # the general form then wastes a pass of these few images instead of one)
+        resolve_layer(model, layer)  # a misspelt layer fails here, with close matches
         recording = forward_for_chain(model, inputs, layer)
     chosen, plan, reason, rf = _choose(model, inputs, layer, mode, method, rule, recording)
     if chosen == "chain":

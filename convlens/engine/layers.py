@@ -130,16 +130,13 @@ def traced_pass(model: nn.Module, x1: torch.Tensor) -> tuple[Any, Any]:
 
     Made once and shared: occlusion reads its default layer off this trace and checks its traced
     graph against this output, and the report's overview lists its layers and predictions from the
-    same pass. A later call with the same weights and modes (``tensor_signature`` and every
-    module's training flag) and an equal image returns the stored pair without running the model.
+    same pass. A later call with the same weights and modes (``engine.precision.model_signature``)
+    and an equal image returns the stored pair without running the model.
     Only the latest image of each model is kept; the model is held weakly."""
-    from convlens.engine.precision import tensor_signature
+    from convlens.engine.precision import model_signature
     from convlens.engine.recorder import record
 
-    key = (
-        tensor_signature(model), tuple(m.training for m in model.modules()),
-        tuple(x1.shape), x1.dtype, str(x1.device),
-    )  # fmt: skip
+    key = (model_signature(model), tuple(x1.shape), x1.dtype, str(x1.device))
     found = _PASSES.get(model)
     if found is not None and found[0] == key and torch.equal(found[1], x1):
         return found[2], found[3]

@@ -32,6 +32,7 @@ __all__ = [
     "low_precision_copy",
     "DTYPES",
     "tensor_signature",
+    "model_signature",
 ]
 
 #: What a ``precision`` option accepts.
@@ -84,6 +85,12 @@ def tensor_signature(model: nn.Module) -> tuple:
     return tuple(
         (id(t), t.data_ptr(), _version(t)) for t in (*model.parameters(), *model.buffers())
     )
+
+
+def model_signature(model: nn.Module) -> tuple:
+    """:func:`tensor_signature` plus every module's training flag: what a cached forward pass
+    (``engine.traced_pass``) or occlusion's fixed costs depend on."""
+    return tensor_signature(model), tuple(m.training for m in model.modules())
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

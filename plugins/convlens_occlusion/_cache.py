@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from convlens.engine.precision import tensor_signature
+from convlens.engine.precision import model_signature
 
 from ._incremental import IncrementalOcclusion, UnsupportedModel, trace_graph
 
@@ -35,8 +35,9 @@ _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, ModelEntry]] = weakref.
 
 
 def signature(model: nn.Module) -> tuple:
-    """What a cached trace, validation and thread choice of ``model`` depend on."""
-    return tensor_signature(model), tuple(m.training for m in model.modules())
+    """What a cached trace, validation and thread choice of ``model`` depend on
+    (``convlens.engine.precision.model_signature``)."""
+    return model_signature(model)
 
 
 @dataclass

@@ -105,6 +105,7 @@ def _example_input(model: nn.Module, batch: int = 1) -> torch.Tensor:
 def trace_model(model: nn.Module, x: torch.Tensor | None = None):
     """Run one forward pass (on ``x``, or zeros of the model's input size) and return the
     :class:`~convlens.engine.recorder.Recording` with the full trace and receptive fields."""
+    from convlens.engine.linear_convs import ConvAsLinear
     from convlens.engine.recorder import record
 
     if x is None:
@@ -112,7 +113,11 @@ def trace_model(model: nn.Module, x: torch.Tensor | None = None):
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), record(model, switches=True, trace=True) as rec:
+        with (
+            torch.inference_mode(),
+            ConvAsLinear(),
+            record(model, switches=True, trace=True) as rec,
+        ):
             model(x)
     finally:
         model.train(was_training)
@@ -133,6 +138,7 @@ def traced_pass(model: nn.Module, x1: torch.Tensor) -> tuple[Any, Any]:
     same pass. A later call with the same weights and modes (``engine.precision.model_signature``)
     and an equal image returns the stored pair without running the model.
     Only the latest image of each model is kept; the model is held weakly."""
+    from convlens.engine.linear_convs import ConvAsLinear
     from convlens.engine.precision import model_signature
     from convlens.engine.recorder import record
 
@@ -143,7 +149,13 @@ def traced_pass(model: nn.Module, x1: torch.Tensor) -> tuple[Any, Any]:
     was = model.training
     model.eval()
     try:
-        with torch.inference_mode(), record(model, switches=False, trace=True) as rec:
+        # a convolution covering its input (VGG's fully connected layers) as the matrix product
+        # it is: no per-call weight reorder (linear_convs)
+        with (
+            torch.inference_mode(),
+            ConvAsLinear(),
+            record(model, switches=False, trace=True) as rec,
+        ):
             out = model(x1)
     finally:
         model.train(was)

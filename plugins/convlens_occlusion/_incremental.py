@@ -43,8 +43,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
+from convlens.engine.linear_convs import ConvAsLinear as _ConvAsLinear
+from convlens.engine.linear_convs import LinearConv as _Linear
+from convlens.engine.linear_convs import covers_input as _covers_input
 from convlens.errors import ConvlensError
 
 __all__ = ["IncrementalOcclusion", "UnsupportedModel", "trace_graph"]
@@ -205,51 +207,6 @@ class _Window:
     pad_value: float
     apply: Callable[[torch.Tensor], torch.Tensor]
     what: str
-
-
-def _covers_input(x: Any, weight: Any, padding: Any, dilation: Any, groups: int) -> bool:
-    """Whether a 2-d convolution of ``x`` is a matrix product: its kernel covers the whole
-    unpadded input (no dilation, one group), so its output is 1x1."""
-    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)):
-        return False
-    if isinstance(padding, str):
-        if padding != "valid":
-            return False
-        padding = 0
-    return (
-        x.dim() == 4 and weight.dim() == 4 and groups == 1 and _pair(dilation) == (1, 1)
-        and _pair(padding) == (0, 0) and tuple(weight.shape[-2:]) == tuple(x.shape[-2:])
-    )  # fmt: skip
-
-
-class _ConvAsLinear(TorchFunctionMode):
-    """Inside a module the tracer had to keep opaque (timm's ``ConvMlp``: vgg16's fully
-    connected layers behind a shape test), run each 2-d convolution whose kernel covers its
-    whole unpadded input as the matrix product it is, as ``_as_linear`` does for traced nodes."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.conv2d:
-            b = _bind(
-                ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
-                {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1},
-                args, kwargs,
-            )  # fmt: skip
-            x, w = b["input"], b["weight"]
-            if _covers_input(x, w, b["padding"], b["dilation"], b["groups"]):
-                return _Linear(w.reshape(w.shape[0], -1), b["bias"])(x)
-        return func(*args, **kwargs)
-
-
-class _Linear:
-    """A convolution whose kernel covers its input, as a matrix product (``_as_linear``)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.weight, self.bias = weight, bias
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x.reshape(x.shape[0], -1), self.weight, self.bias)
-        return out.view(x.shape[0], -1, 1, 1)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,10 +35,29 @@ __all__ = [
     "resolve_device",
     "write_overview",
     "is_main_process",
+    "process_age",
     "DEFAULT_MODEL",
 ]
 
 DEFAULT_MODEL = "efficientnet_lite0"
+
+_IMPORTED = time.perf_counter()
+
+
+def process_age() -> tuple[float, str]:
+    """``(seconds, since what)``: how long this process has run — since it started where the OS
+    says (Linux ``/proc``: start time in clock ticks since boot, against the uptime; 10 ms
+    steps), else since this module was imported. For the command, the value read when the probe
+    begins is its start-up: interpreter, imports, plugin host and model creation."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime", encoding="ascii") as fh:
+            uptime = float(fh.read().split()[0])
+        start = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime
+        return max(0.0, uptime - start), "process start"
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.perf_counter() - _IMPORTED, "convlens.runner import"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -181,10 +202,12 @@ def _override_preprocess(model: nn.Module, label: str, mean, std, input_size) ->
 
 def _staged_run(
     probe_cls, opts, net, label, image_paths, weights, out_root, final_dir, main, dev, seed, host,
-    progress_factory, images, note_sink, model_kw,
+    progress_factory, images, note_sink, model_kw, timing=None,
 ) -> ProbeResult:  # fmt: skip
     """Run the probe into a staging folder (rank 0) or a throw-away one (other ranks), write its
-    section and run.json, and swap the folder in for ``final_dir``."""
+    section and run.json, and swap the folder in for ``final_dir``. ``timing``: what run.json
+    records of the time before the probe (``process_age``); the probe's own seconds are added."""
+    t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if main:  # the probe's folder is swapped in only when the run is complete
             work_dir = stack.enter_context(staged_dir(final_dir))
@@ -246,6 +269,7 @@ def _staged_run(
                 "python": platform.python_version(),
                 "summary": result.summary,
                 "files": [final(f) for f in result.files],
+                "timing": {**(timing or {}), "probe_s": round(time.perf_counter() - t0, 3)},
             },
         )
         result.files = [Path(final(f)) for f in result.files]
@@ -483,6 +507,8 @@ def _run_probe(
         net, label = load_model(model, weights=weights, device=dev, host=host, **model_kw)
     finally:
         preload.wait()  # never two threads importing matplotlib; none left behind
+    ready, since = process_age()
+    timing = {"before_probe_s": round(ready, 3), "before_probe_since": since}
     if any(model_kw[k] is not None for k in ("mean", "std", "input_size")) and note_sink:
         from convlens.data import Preprocess
 
@@ -501,7 +527,7 @@ def _run_probe(
             held.enter_context(output_lock(out_root))
         result = _staged_run(
             probe_cls, opts, net, label, image_paths, weights, out_root, final_dir, main, dev,
-            seed, host, progress_factory, images, note_sink, model_kw,
+            seed, host, progress_factory, images, note_sink, model_kw, timing,
         )  # fmt: skip
         if main:
             # swapped in: OUT/<probe> now holds exactly this run's files; the overview and the

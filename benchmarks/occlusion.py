@@ -192,7 +192,8 @@ def cli_bench(name: str, window: int, stride: int, target: int, ppe: int, repeat
     minus its start-up: interpreter, imports, plugin host and model creation) against Captum's
     ``Occlusion.attribute`` in this process, on the same image (the bundled coffee photo),
     square, stride and target. The start-up subtracted is the run's own (``run.json``
-    ``timing.before_probe_s``: from the process's start to the probe's); as a cross-check, also
+    ``timing.model_ready_s``: from the process's start until its model was ready; a wait for
+    matplotlib's background import after that counts as work); as a cross-check, also
     the median of a separate subprocess that does only the start-up and ends as the command
     does (noisier: two processes, two start-ups).
 
@@ -230,7 +231,7 @@ def cli_bench(name: str, window: int, stride: int, target: int, ppe: int, repeat
             with open(os.path.join(out, "occlusion", "occlusion.json"), encoding="utf-8") as fh:
                 meta = json.load(fh)
             with open(os.path.join(out, "occlusion", "run.json"), encoding="utf-8") as fh:
-                own[kind].append(t[kind][-1] - json.load(fh)["timing"]["before_probe_s"])
+                own[kind].append(t[kind][-1] - json.load(fh)["timing"]["model_ready_s"])
         if own[kind][-1] == min(own[kind]):
             phases[kind] = meta["phases"]
 

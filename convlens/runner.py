@@ -47,8 +47,8 @@ _IMPORTED = time.perf_counter()
 def process_age() -> tuple[float, str]:
     """``(seconds, since what)``: how long this process has run — since it started where the OS
     says (Linux ``/proc``: start time in clock ticks since boot, against the uptime; 10 ms
-    steps), else since this module was imported. For the command, the value read when the probe
-    begins is its start-up: interpreter, imports, plugin host and model creation."""
+    steps), else since this module was imported. For the command, the value read when its model
+    is ready is its start-up: interpreter, imports, plugin host and model creation."""
     try:
         with open("/proc/self/stat", encoding="ascii") as fh:
             fields = fh.read().rsplit(")", 1)[1].split()
@@ -206,7 +206,8 @@ def _staged_run(
 ) -> ProbeResult:  # fmt: skip
     """Run the probe into a staging folder (rank 0) or a throw-away one (other ranks), write its
     section and run.json, and swap the folder in for ``final_dir``. ``timing``: what run.json
-    records of the time before the probe (``process_age``); the probe's own seconds are added."""
+    records of the time before the model was ready (``process_age``); the probe's own seconds are
+    added."""
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if main:  # the probe's folder is swapped in only when the run is complete
@@ -505,10 +506,11 @@ def _run_probe(
     preload.start()  # matplotlib's import, for the figures, behind the model's creation
     try:
         net, label = load_model(model, weights=weights, device=dev, host=host, **model_kw)
+        # the command's start-up ends with the model; a wait for matplotlib below is the run's
+        ready, since = process_age()
     finally:
         preload.wait()  # never two threads importing matplotlib; none left behind
-    ready, since = process_age()
-    timing = {"before_probe_s": round(ready, 3), "before_probe_since": since}
+    timing = {"model_ready_s": round(ready, 3), "model_ready_since": since}
     if any(model_kw[k] is not None for k in ("mean", "std", "input_size")) and note_sink:
         from convlens.data import Preprocess
 

@@ -45,7 +45,7 @@ def test_run_json_records_the_time_before_the_probe_and_the_probes_own(tmp_path,
     wall = time.perf_counter() - t0
     after, _ = process_age()
     timing = json.loads((tmp_path / "out" / "occlusion" / "run.json").read_text())["timing"]
-    assert before - 0.02 <= timing["before_probe_s"] <= after + 0.02
+    assert before - 0.02 <= timing["model_ready_s"] <= after + 0.02
     assert 0 < timing["probe_s"] <= wall
-    assert timing["before_probe_s"] + timing["probe_s"] <= after + 0.02  # one after the other
-    assert timing["before_probe_since"] in ("process start", "convlens.runner import")
+    assert timing["model_ready_s"] + timing["probe_s"] <= after + 0.02  # one after the other
+    assert timing["model_ready_since"] in ("process start", "convlens.runner import")

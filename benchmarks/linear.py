@@ -71,8 +71,10 @@ def part_classifiers(feats: dict, labels: np.ndarray, k: int, seed: int) -> None
     split = make_splits(labels, [k], 1000, folds=1, seed=seed)[0]
     n_classes = int(labels.max()) + 1
     c_fixed = 1e-3
-    print(f"\n[classifiers] {k} train/class ({len(split.train)} images), "
-          f"{len(split.test)} test images; fixed C = {c_fixed:g}")
+    print(
+        f"\n[classifiers] {k} train/class ({len(split.train)} images), "
+        f"{len(split.test)} test images; fixed C = {c_fixed:g}"
+    )
     print(f"  {'layer':<14}{'dim':>6}  {'classifier':<28}{'time':>9}  {'acc %':>6}")
     for layer, x in feats.items():
         xtr, ytr, xte, yte = x[split.train], labels[split.train], x[split.test], labels[split.test]
@@ -80,12 +82,28 @@ def part_classifiers(feats: dict, labels: np.ndarray, k: int, seed: int) -> None
         str_, ste = scaler.transform(xtr), scaler.transform(xte)
         rows = []
         for kind, refs in (
-            ("softmax", [("sklearn LogisticRegression lbfgs",
-                          LogisticRegression(C=c_fixed, max_iter=5000)),
-                         ("sklearn LogisticRegression ncg",
-                          LogisticRegression(C=c_fixed, solver="newton-cg", max_iter=5000))]),
-            ("svm", [("sklearn LinearSVC", LinearSVC(C=c_fixed, dual=False, max_iter=100000,
-                                                     intercept_scaling=1000.0))]),
+            (
+                "softmax",
+                [
+                    (
+                        "sklearn LogisticRegression lbfgs",
+                        LogisticRegression(C=c_fixed, max_iter=5000),
+                    ),
+                    (
+                        "sklearn LogisticRegression ncg",
+                        LogisticRegression(C=c_fixed, solver="newton-cg", max_iter=5000),
+                    ),
+                ],
+            ),
+            (
+                "svm",
+                [
+                    (
+                        "sklearn LinearSVC",
+                        LinearSVC(C=c_fixed, dual=False, max_iter=100000, intercept_scaling=1000.0),
+                    )
+                ],
+            ),
         ):
             t = time.perf_counter()
             clf = fit_classifier(xtr, ytr, kind, c_fixed, n_classes)
@@ -106,25 +124,35 @@ def part_classifiers(feats: dict, labels: np.ndarray, k: int, seed: int) -> None
     print(f"\n[cross-validated C] grid {grid}, 3 folds, {len(feats)} layers")
     for kind in ("softmax", "svm"):
         t = time.perf_counter()
-        picked = select_c([(x[split.train], labels[split.train], split.cv_fold)
-                           for x in feats.values()], kind, n_classes, grid, max_iter=400,
-                          tol=1e-6)
+        picked = select_c(
+            [(x[split.train], labels[split.train], split.cv_fold) for x in feats.values()],
+            kind,
+            n_classes,
+            grid,
+            max_iter=400,
+            tol=1e-6,
+        )
         t_ours = time.perf_counter() - t
         # tight tolerances: near-tied CV scores would otherwise flip with solver noise (LinearSVC
         # at 1e-8 ran for over 10 minutes at C = 1 on 9216-d features: 1e-5 there)
-        est = (LogisticRegression(solver="newton-cg", max_iter=5000, tol=1e-8)
-               if kind == "softmax"
-               else LinearSVC(dual=False, max_iter=20000, tol=1e-5, intercept_scaling=1000.0))
+        est = (
+            LogisticRegression(solver="newton-cg", max_iter=5000, tol=1e-8)
+            if kind == "softmax"
+            else LinearSVC(dual=False, max_iter=20000, tol=1e-5, intercept_scaling=1000.0)
+        )
         t = time.perf_counter()
         ref = []
         for x in feats.values():
             xs = StandardScaler().fit_transform(x[split.train])
-            search = GridSearchCV(est, {"C": grid}, cv=PredefinedSplit(split.cv_fold),
-                                  scoring="balanced_accuracy").fit(xs, labels[split.train])
+            search = GridSearchCV(
+                est, {"C": grid}, cv=PredefinedSplit(split.cv_fold), scoring="balanced_accuracy"
+            ).fit(xs, labels[split.train])
             ref.append(search.best_params_["C"])
         t_ref = time.perf_counter() - t
-        print(f"  {kind:<8} convlens {t_ours:7.2f} s   scikit-learn {t_ref:7.2f} s   "
-              f"ratio {t_ref / t_ours:5.1f}x   chosen C: {[c for c, _ in picked]} vs {ref}")
+        print(
+            f"  {kind:<8} convlens {t_ours:7.2f} s   scikit-learn {t_ref:7.2f} s   "
+            f"ratio {t_ref / t_ours:5.1f}x   chosen C: {[c for c, _ in picked]} vs {ref}"
+        )
 
 
 def main() -> None:

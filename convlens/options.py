@@ -44,7 +44,9 @@ class Option:
         if not self.name.isidentifier():
             raise ConvlensError(f"option name {self.name!r} is not a Python identifier")
         if self.type not in _TYPES:
-            raise ConvlensError(f"option {self.name!r}: type must be one of int/float/str/bool/Path")
+            raise ConvlensError(
+                f"option {self.name!r}: type must be one of int/float/str/bool/Path"
+            )
 
     @property
     def flag(self) -> str:
@@ -66,7 +68,9 @@ class Option:
                 f"option {self.flag}: {value!r} is not a valid {self.type.__name__}"
             ) from None
         if self.choices and v not in self.choices:
-            raise ConvlensError(f"option {self.flag}: {v!r} is not one of {', '.join(self.choices)}")
+            raise ConvlensError(
+                f"option {self.flag}: {v!r} is not one of {', '.join(self.choices)}"
+            )
         if self.min is not None and v < self.min:
             raise ConvlensError(f"option {self.flag}: {v} is below its minimum {self.min:g}")
         if self.max is not None and v > self.max:
@@ -106,7 +110,9 @@ def parse_int_list(text: str | Sequence[int] | None, what: str = "value") -> lis
             elif part:
                 out.append(int(part))
         except ValueError:
-            raise ConvlensError(f"{what} {text!r}: expected numbers like '0-15,20' or 'all'") from None
+            raise ConvlensError(
+                f"{what} {text!r}: expected numbers like '0-15,20' or 'all'"
+            ) from None
     return out
 
 

@@ -66,9 +66,7 @@ class PluginHost:
         self.probes: Registry = Registry("probe", PluginError)
         self.models: Registry = Registry("model", ModelNotFoundError)
         self.recipes: Registry = Registry("recipe", PluginError)
-        blocked = {
-            n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()
-        }
+        blocked = {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
         if entry_points:
             self._load_entry_points(blocked)
         for name, obj in extra or []:

@@ -14,8 +14,13 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_dist(root: Path, dist: str, modules: dict[str, str], entry_points: dict[str, str],
-              version: str = "0.1.0") -> Path:
+def make_dist(
+    root: Path,
+    dist: str,
+    modules: dict[str, str],
+    entry_points: dict[str, str],
+    version: str = "0.1.0",
+) -> Path:
     """Install a distribution the way pip lays it out: modules + ``*.dist-info`` with
     ``entry_points.txt``, so ``importlib.metadata`` discovers it when ``root`` is on sys.path."""
     root.mkdir(parents=True, exist_ok=True)
@@ -30,8 +35,9 @@ def make_dist(root: Path, dist: str, modules: dict[str, str], entry_points: dict
     return root
 
 
-def run_cli(args: list[str], pythonpath: Path | None = None, env: dict | None = None,
-            timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], pythonpath: Path | None = None, env: dict | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """``python -m convlens ARGS`` in a subprocess (fresh entry-point discovery)."""
     e = dict(os.environ)
     e["CONVLENS_NO_PROGRESS"] = "1"
@@ -39,8 +45,12 @@ def run_cli(args: list[str], pythonpath: Path | None = None, env: dict | None = 
         e["PYTHONPATH"] = str(pythonpath) + os.pathsep + e.get("PYTHONPATH", "")
     e.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "convlens", *args], capture_output=True, text=True, env=e,
-        timeout=timeout, cwd=str(pythonpath or REPO),
+        [sys.executable, "-m", "convlens", *args],
+        capture_output=True,
+        text=True,
+        env=e,
+        timeout=timeout,
+        cwd=str(pythonpath or REPO),
     )
 
 

@@ -18,8 +18,11 @@ HELLO = REPO / "examples" / "convlens-hello-probe" / "convlens_hello.py"
 
 def test_every_hook_is_prefixed_and_documented():
     doc = (REPO / "docs" / "plugins.md").read_text()
-    specs = [n for n, f in inspect.getmembers(hookspecs, inspect.isfunction)
-             if hasattr(f, "convlens_spec")]
+    specs = [
+        n
+        for n, f in inspect.getmembers(hookspecs, inspect.isfunction)
+        if hasattr(f, "convlens_spec")
+    ]
     assert specs, "no hookspecs found"
     for name in specs:
         assert name.startswith("convlens_")
@@ -28,15 +31,34 @@ def test_every_hook_is_prefixed_and_documented():
 
 
 def test_hello_plugin_discovered_through_entry_point(tmp_path, images):
-    site = make_dist(tmp_path / "site", "convlens-hello-probe",
-                     {"convlens_hello": HELLO.read_text()}, {"hello": "convlens_hello"})
+    site = make_dist(
+        tmp_path / "site",
+        "convlens-hello-probe",
+        {"convlens_hello": HELLO.read_text()},
+        {"hello": "convlens_hello"},
+    )
     listing = run_cli(["plugins"], pythonpath=site)
     assert listing.returncode == 0, listing.stderr
     row = next(line for line in listing.stdout.splitlines() if "hello" in line)
     assert "convlens-hello-probe" in row and "ok" in row
     out = tmp_path / "out"
-    res = run_cli(["probe", "hello", "--model", "zfnet", "--images", str(images), "--out",
-                   str(out), "--greeting", "hi", "--layer", "conv2"], pythonpath=site)
+    res = run_cli(
+        [
+            "probe",
+            "hello",
+            "--model",
+            "zfnet",
+            "--images",
+            str(images),
+            "--out",
+            str(out),
+            "--greeting",
+            "hi",
+            "--layer",
+            "conv2",
+        ],
+        pythonpath=site,
+    )
     assert res.returncode == 0, res.stderr
     assert "RANDOM weights" in res.stderr  # loud warning for random init
     import json
@@ -50,9 +72,12 @@ def test_hello_plugin_discovered_through_entry_point(tmp_path, images):
 
 def test_broken_plugin_is_reported_and_others_keep_working(tmp_path):
     site = make_dist(
-        tmp_path / "site", "convlens-broken",
-        {"broken_plugin": "raise ImportError('no module named quux')",
-         "odd_plugin": "import convlens\n@convlens.hookimpl\ndef convlens_no_such_hook(): pass\n"},
+        tmp_path / "site",
+        "convlens-broken",
+        {
+            "broken_plugin": "raise ImportError('no module named quux')",
+            "odd_plugin": "import convlens\n@convlens.hookimpl\ndef convlens_no_such_hook(): pass\n",
+        },
         {"broken": "broken_plugin", "odd": "odd_plugin"},
     )
     res = run_cli(["plugins"], pythonpath=site)
@@ -65,12 +90,17 @@ def test_broken_plugin_is_reported_and_others_keep_working(tmp_path):
 
 
 def test_disable_env_blocks_named_plugin(tmp_path):
-    site = make_dist(tmp_path / "site", "convlens-hello-probe",
-                     {"convlens_hello": HELLO.read_text()}, {"hello": "convlens_hello"})
+    site = make_dist(
+        tmp_path / "site",
+        "convlens-hello-probe",
+        {"convlens_hello": HELLO.read_text()},
+        {"hello": "convlens_hello"},
+    )
     res = run_cli(["plugins"], pythonpath=site, env={"CONVLENS_DISABLE_PLUGINS": "hello"})
     assert "blocked" in res.stdout
-    res = run_cli(["probe", "hello", "--help"], pythonpath=site,
-                  env={"CONVLENS_DISABLE_PLUGINS": "hello"})
+    res = run_cli(
+        ["probe", "hello", "--help"], pythonpath=site, env={"CONVLENS_DISABLE_PLUGINS": "hello"}
+    )
     assert res.returncode == 2
 
 

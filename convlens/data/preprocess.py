@@ -45,6 +45,7 @@ MAX_UPSCALE = 8.0
 class UpscaleWarning(UserWarning):
     """An image was enlarged more than :data:`MAX_UPSCALE` times to reach the model's input."""
 
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 #: timm's default ``crop_pct`` (224 / 256) when a config leaves it unset.

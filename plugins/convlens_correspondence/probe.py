@@ -158,7 +158,9 @@ class CorrespondenceProbe(Probe):
             float,
             0.0,
             "Also draw the part masks --random times, shifted by up to this fraction of their "
-            "size (± then over draws; 0: exact boxes, ± over image pairs).", min=0, max=1,
+            "size (± then over draws; 0: exact boxes, ± over image pairs).",
+            min=0,
+            max=1,
         ),
         Option("fill", float, 0.5, "Grey level of the masks, in [0, 1] RGB.", min=0, max=1),
     )
@@ -241,7 +243,10 @@ class CorrespondenceProbe(Probe):
     def render(self, result: ProbeResult, ctx: ProbeContext) -> ReportSection | None:
         res: CorrespondenceResult = result.data
         figure = self._figure(
-            res, ctx.out_dir / "correspondence.png", ctx.model_name, result.summary.get("dataset", "")
+            res,
+            ctx.out_dir / "correspondence.png",
+            ctx.model_name,
+            result.summary.get("dataset", ""),
         )
         head = "".join(f"<th>{esc(layer)}</th>" for layer in res.layers)
         body = ""

@@ -142,7 +142,8 @@ class InvarianceProbe(Probe):
             int,
             None,
             "Amounts per transform, evenly over Fig. 5's ranges (default: 7 shifts of 20 px, "
-            "9 scales 0.5-1.6, 11 rotations of 35°).", min=2,
+            "9 scales 0.5-1.6, 11 rotations of 35°).",
+            min=2,
         ),
         Option(
             "canvas",

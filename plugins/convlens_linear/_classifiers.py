@@ -192,12 +192,14 @@ def _solve(
     if init is None:
         x0 = torch.zeros(p * m, rk + k, dtype=dtype, device=dev)
     else:
-        x0 = torch.cat([(init[0].to(dtype) / pre).reshape(p * m, rk),
-                        init[1].to(dtype).reshape(p * m, k)], 1)
+        x0 = torch.cat(
+            [(init[0].to(dtype) / pre).reshape(p * m, rk), init[1].to(dtype).reshape(p * m, k)], 1
+        )
     work = p * m * n * r * k
     with _threads(1 if dev.type == "cpu" and work <= _ONE_THREAD_WORK else 0):
-        x, it, done = _batched_lbfgs(fun, x0, max_iter, tol if dtype == torch.float64 else
-                                     max(tol, 1e-5))
+        x, it, done = _batched_lbfgs(
+            fun, x0, max_iter, tol if dtype == torch.float64 else max(tol, 1e-5)
+        )
     a = (pre * x[:, :rk].reshape(p, m, r, k)).contiguous()
     return a, x[:, rk:].reshape(p, m, k), it, bool(done.all())
 
@@ -286,8 +288,9 @@ def _lbfgs_direction(
     h = s_mem.shape[1]
     # products in slot order over the whole buffer (empty slots are zero), then the small
     # matrices permuted to chronological order
-    order = torch.tensor([(newest - count + 1 + j) % h for j in range(count)],
-                         device=g.device)  # oldest first
+    order = torch.tensor(
+        [(newest - count + 1 + j) % h for j in range(count)], device=g.device
+    )  # oldest first
     sy = (s_mem @ y_mem.transpose(1, 2))[:, order][:, :, order]  # [B, c, c]
     yy = (y_mem @ y_mem.transpose(1, 2))[:, order][:, :, order]
     a = (s_mem @ g[..., None])[:, order]  # [B, c, 1]
@@ -302,8 +305,11 @@ def _lbfgs_direction(
     coef_y = g.new_zeros(g.shape[0], h, 1)
     coef_s[:, order] = u
     coef_y[:, order] = q
-    return gamma[:, None] * g + (coef_s.transpose(1, 2) @ s_mem)[:, 0] - gamma[:, None] * (
-        coef_y.transpose(1, 2) @ y_mem)[:, 0]
+    return (
+        gamma[:, None] * g
+        + (coef_s.transpose(1, 2) @ s_mem)[:, 0]
+        - gamma[:, None] * (coef_y.transpose(1, 2) @ y_mem)[:, 0]
+    )
 
 
 @contextlib.contextmanager
@@ -416,8 +422,10 @@ def _cv_select(
     # continuation: C ascending, each solve starting from the previous C's solution
     inits = None
     for ci, cval in enumerate(grid):
-        items = [(f.z_fit, f.y_fit, torch.tensor([cval], dtype=f.z_fit.dtype,
-                                                 device=f.z_fit.device)) for _, f in owner]
+        items = [
+            (f.z_fit, f.y_fit, torch.tensor([cval], dtype=f.z_fit.dtype, device=f.z_fit.device))
+            for _, f in owner
+        ]
         solved = _solve_many(items, kind, n_classes, max_iter, tol, inits)
         inits = [(a, b) for a, b, _, _ in solved]
         for (s, f), (a, b, _, _) in zip(owner, solved, strict=True):
@@ -430,8 +438,9 @@ def _cv_select(
     return out
 
 
-def per_class_accuracy(pred: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
-                       n_classes: int) -> np.ndarray:
+def per_class_accuracy(
+    pred: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, n_classes: int
+) -> np.ndarray:
     """Accuracy of each class (NaN for a class without rows)."""
     pred = np.asarray(torch.as_tensor(pred).cpu())
     y = np.asarray(torch.as_tensor(y).cpu())
@@ -441,8 +450,9 @@ def per_class_accuracy(pred: torch.Tensor | np.ndarray, y: torch.Tensor | np.nda
         return np.where(total > 0, hits / np.maximum(total, 1), np.nan)
 
 
-def balanced_accuracy(pred: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
-                      n_classes: int) -> float:
+def balanced_accuracy(
+    pred: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, n_classes: int
+) -> float:
     """The mean of the per-class accuracies over the classes present (the paper's measure)."""
     return float(np.nanmean(per_class_accuracy(pred, y, n_classes)))
 
@@ -501,8 +511,9 @@ def fit_classifier(
     meaning) on features ``x [N, D]`` and labels ``y`` in ``0..K-1``."""
     yt = np.asarray(torch.as_tensor(y).cpu())
     k = int(n_classes if n_classes is not None else yt.max() + 1)
-    return fit_many([(x, y)], [C], kind, k, device=device, standardize=standardize,
-                    max_iter=max_iter, tol=tol)[0]
+    return fit_many(
+        [(x, y)], [C], kind, k, device=device, standardize=standardize, max_iter=max_iter, tol=tol
+    )[0]
 
 
 def select_c(

@@ -35,7 +35,17 @@ __all__ = [
 #: File endings counted as images inside class folders (as torchvision's ``ImageFolder``);
 #: anything else (READMEs, CSVs) is ignored rather than reported as unreadable.
 IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif",
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".gif",
 )
 
 
@@ -86,9 +96,7 @@ def scan_image_folder(root: str | os.PathLike, name: str | None = None) -> Image
     root = Path(root)
     if not root.is_dir():
         raise ConvlensError(f"{root}: not a folder (--data expects ROOT/<class>/<image> folders)")
-    classes = sorted(
-        e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
-    )
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if len(classes) < 2:
         raise ConvlensError(
             f"{root}: found {len(classes)} class folder(s); a linear probe needs at least two "
@@ -97,9 +105,7 @@ def scan_image_folder(root: str | os.PathLike, name: str | None = None) -> Image
     paths: list[Path] = []
     labels: list[int] = []
     for c, cls in enumerate(classes):
-        files = [
-            f for f in find_images(root / cls) if f.suffix.lower() in IMAGE_EXTENSIONS
-        ]
+        files = [f for f in find_images(root / cls) if f.suffix.lower() in IMAGE_EXTENSIONS]
         if not files:
             raise ConvlensError(f"{root / cls}: class folder has no image files")
         paths.extend(files)

@@ -180,7 +180,9 @@ def candidate_layers(model: nn.Module, x: torch.Tensor | None = None) -> list[st
     return out
 
 
-def default_layers(model: nn.Module, max_layers: int = 4, x: torch.Tensor | None = None) -> list[str]:
+def default_layers(
+    model: nn.Module, max_layers: int = 4, x: torch.Tensor | None = None
+) -> list[str]:
     """``max_layers`` layers spread evenly through :func:`candidate_layers` (first and last
     always included); all of them for a model with layer aliases (zfnet: conv1-5, pool5, fc6,
     fc7, as in the paper's Table 7)."""
@@ -379,14 +381,20 @@ def _batches(
             # synchronisation (10x slower on a busy machine)
             with _threads(1):
                 items = [sub[i] for i in range(start, min(start + batch_size, len(sub)))]
-            yield torch.stack([t for t, _, _ in items]), [o for _, o, _ in items], [
-                m for _, _, m in items
-            ]
+            yield (
+                torch.stack([t for t, _, _ in items]),
+                [o for _, o, _ in items],
+                [m for _, _, m in items],
+            )
         return
     loader = torch.utils.data.DataLoader(
-        sub, batch_size=batch_size, num_workers=workers, shuffle=False,
+        sub,
+        batch_size=batch_size,
+        num_workers=workers,
+        shuffle=False,
         collate_fn=lambda items: (
-            torch.stack([t for t, _, _ in items]), [o for _, o, _ in items],
+            torch.stack([t for t, _, _ in items]),
+            [o for _, o, _ in items],
             [m for _, _, m in items],
         ),
     )
@@ -474,9 +482,24 @@ def extract_features(
     computed: list[int] = []
     if todo:
         computed = _compute(
-            model, dataset, list(layers), refs, pre, folders, missing, todo, base,
-            pool=pool, grid=grid, max_dim=max_dim, batch_size=batch_size, shard_size=shard_size,
-            workers=workers, device=device, progress=progress, on_shard=on_shard,
+            model,
+            dataset,
+            list(layers),
+            refs,
+            pre,
+            folders,
+            missing,
+            todo,
+            base,
+            pool=pool,
+            grid=grid,
+            max_dim=max_dim,
+            batch_size=batch_size,
+            shard_size=shard_size,
+            workers=workers,
+            device=device,
+            progress=progress,
+            on_shard=on_shard,
         )
     _barrier()
     out: dict[str, LayerFeatures] = {}
@@ -546,9 +569,11 @@ def _compute(
     was_training = model.training
     model.eval()
     try:
-        with bar as advance, torch.inference_mode(), record(
-            model, list(layers), switches=False, trace=False, functional=functional
-        ) as rec:
+        with (
+            bar as advance,
+            torch.inference_mode(),
+            record(model, list(layers), switches=False, trace=False, functional=functional) as rec,
+        ):
             for s in todo:
                 rows = range(s * shard_size, min(n, (s + 1) * shard_size))
                 parts: dict[str, list[np.ndarray]] = {la: [] for la in missing[s]}
@@ -576,8 +601,13 @@ def _compute(
                         shape, how = info[la]
                         write_json(
                             folder / "meta.json",
-                            {**base, "layer": la, "module": keys[la],
-                             "activation_shape": shape, "resolved": how},
+                            {
+                                **base,
+                                "layer": la,
+                                "module": keys[la],
+                                "activation_shape": shape,
+                                "resolved": how,
+                            },
                         )
                     _save_npy(_shard_path(folder, s), feats)
                 computed.append(s)

@@ -33,14 +33,18 @@ __all__ = ["LinearProbe", "PAPER_PROTOCOL", "EMBEDDED_PROTOCOL"]
 
 #: Defaults with ``--data``: the Caltech-101 protocol of Sec. 5.2 (Table 4).
 PAPER_PROTOCOL: dict[str, Any] = {
-    "train_per_class": [15, 30], "test_per_class": 50, "folds": 5,
+    "train_per_class": [15, 30],
+    "test_per_class": 50,
+    "folds": 5,
     "c_grid": list(DEFAULT_C_GRID),
 }
 #: Defaults on the embedded sets (16 images per class), sized for the demo budget. With at most
 #: 80 training images against 1280-9216 dimensions the data are separable and C >= 0.1 gives
 #: the same predictions as 0.01 at many times the cost (measured: identical tables).
 EMBEDDED_PROTOCOL: dict[str, Any] = {
-    "train_per_class": [2, 4, 8], "test_per_class": 8, "folds": 3,
+    "train_per_class": [2, 4, 8],
+    "test_per_class": 8,
+    "folds": 3,
     "c_grid": [1e-5, 1e-4, 1e-3, 1e-2],
 }
 
@@ -82,35 +86,96 @@ class LinearProbe(Probe):
     paper = "Sec. 5.2-5.3, Tables 4, 5, 7, Fig. 9"
     needs_images = False
     options = (
-        Option("data", Path, None, "Labelled images in ImageFolder layout (ROOT/<class>/<image>). "
-               "Default: an embedded set (see --embedded)."),
-        Option("embedded", str, "photo-views", "Embedded set used when --data is not given.",
-               choices=tuple(EMBEDDED)),
-        Option("layers", str, None, "Comma-separated layers (names or aliases), 'all', or "
-               "default: 4 stage outputs spread through the network (zfnet/alexnet: conv1-5, "
-               "pool5, fc6, fc7)."),
+        Option(
+            "data",
+            Path,
+            None,
+            "Labelled images in ImageFolder layout (ROOT/<class>/<image>). "
+            "Default: an embedded set (see --embedded).",
+        ),
+        Option(
+            "embedded",
+            str,
+            "photo-views",
+            "Embedded set used when --data is not given.",
+            choices=tuple(EMBEDDED),
+        ),
+        Option(
+            "layers",
+            str,
+            None,
+            "Comma-separated layers (names or aliases), 'all', or "
+            "default: 4 stage outputs spread through the network (zfnet/alexnet: conv1-5, "
+            "pool5, fc6, fc7).",
+        ),
         Option("classifier", str, "softmax,svm", "Comma-separated classifiers: softmax, svm."),
-        Option("train_per_class", str, None, "Training images per class, e.g. 15,30 (each gives "
-               "a point of the curve). Default: 15,30 with --data, 2,4,8 embedded."),
-        Option("test_per_class", int, None, "Test images per class, at most. Default: 50 with "
-               "--data, 8 embedded.", min=1),
-        Option("folds", int, None, "Random train/test folds. Default: 5 with --data, 3 "
-               "embedded.", min=1),
-        Option("cv_folds", int, 3, "Cross-validation folds within the training images, to "
-               "choose C.", min=2),
-        Option("c_grid", str, None, "Regularisation values tried (scikit-learn's C). Default: "
-               + ",".join(f"{c:g}" for c in DEFAULT_C_GRID) + " with --data, 1e-5,1e-4,1e-3,"
-               "1e-2 embedded."),
-        Option("pool", str, "auto", "Map -> vector: none (flatten, as the paper), avg/max "
-               "(adaptive pooling to a grid), auto (flatten up to --max-dim values, else avg).",
-               choices=POOL_MODES),
-        Option("grid", int, 0, "Pooling grid side for avg/max; 0: the largest with C*g*g <= "
-               "--max-dim; 1: global pooling.", min=0),
-        Option("max_dim", int, DEFAULT_MAX_DIM, "Feature size kept whole under --pool auto.", min=1),
+        Option(
+            "train_per_class",
+            str,
+            None,
+            "Training images per class, e.g. 15,30 (each gives "
+            "a point of the curve). Default: 15,30 with --data, 2,4,8 embedded.",
+        ),
+        Option(
+            "test_per_class",
+            int,
+            None,
+            "Test images per class, at most. Default: 50 with --data, 8 embedded.",
+            min=1,
+        ),
+        Option(
+            "folds",
+            int,
+            None,
+            "Random train/test folds. Default: 5 with --data, 3 embedded.",
+            min=1,
+        ),
+        Option(
+            "cv_folds",
+            int,
+            3,
+            "Cross-validation folds within the training images, to choose C.",
+            min=2,
+        ),
+        Option(
+            "c_grid",
+            str,
+            None,
+            "Regularisation values tried (scikit-learn's C). Default: "
+            + ",".join(f"{c:g}" for c in DEFAULT_C_GRID)
+            + " with --data, 1e-5,1e-4,1e-3,"
+            "1e-2 embedded.",
+        ),
+        Option(
+            "pool",
+            str,
+            "auto",
+            "Map -> vector: none (flatten, as the paper), avg/max "
+            "(adaptive pooling to a grid), auto (flatten up to --max-dim values, else avg).",
+            choices=POOL_MODES,
+        ),
+        Option(
+            "grid",
+            int,
+            0,
+            "Pooling grid side for avg/max; 0: the largest with C*g*g <= "
+            "--max-dim; 1: global pooling.",
+            min=0,
+        ),
+        Option(
+            "max_dim", int, DEFAULT_MAX_DIM, "Feature size kept whole under --pool auto.", min=1
+        ),
         Option("batch_size", int, 32, "Images per forward pass.", min=1),
-        Option("shard_size", int, 256, "Images per cache shard (the unit of resuming and of "
-               "the split across torchrun ranks).", min=1),
-        Option("workers", int, 0, "Image-loading worker processes (0: load in this process).", min=0),
+        Option(
+            "shard_size",
+            int,
+            256,
+            "Images per cache shard (the unit of resuming and of the split across torchrun ranks).",
+            min=1,
+        ),
+        Option(
+            "workers", int, 0, "Image-loading worker processes (0: load in this process).", min=0
+        ),
         Option("cache", Path, None, "Feature cache folder. Default: OUT/.cache/linear."),
     )
 
@@ -158,10 +223,19 @@ class LinearProbe(Probe):
         info = getattr(model, "convlens_info", None)
         try:
             feats = extract_features(
-                model, dataset, layers, pre, cache_dir=cache_root / "features",
-                pool=o["pool"], grid=o["grid"], max_dim=o["max_dim"],
-                batch_size=o["batch_size"], shard_size=o["shard_size"], workers=o["workers"],
-                device=device, model_name=getattr(info, "name", None) or ctx.model_name,
+                model,
+                dataset,
+                layers,
+                pre,
+                cache_dir=cache_root / "features",
+                pool=o["pool"],
+                grid=o["grid"],
+                max_dim=o["max_dim"],
+                batch_size=o["batch_size"],
+                shard_size=o["shard_size"],
+                workers=o["workers"],
+                device=device,
+                model_name=getattr(info, "name", None) or ctx.model_name,
                 progress=ctx.progress,
             )
         finally:
@@ -169,11 +243,26 @@ class LinearProbe(Probe):
                 import torch.distributed as dist
 
                 dist.destroy_process_group()
-        splits = make_splits(dataset.labels, ks, test_k, folds, ctx.seed, o["cv_folds"],
-                             valid=feats.valid, class_names=dataset.classes)
+        splits = make_splits(
+            dataset.labels,
+            ks,
+            test_k,
+            folds,
+            ctx.seed,
+            o["cv_folds"],
+            valid=feats.valid,
+            class_names=dataset.classes,
+        )
         t1 = time.perf_counter()
-        results = evaluate({la: feats[la] for la in layers}, dataset.labels, splits,
-                           classifiers, c_grid, device=device, progress=ctx.progress)
+        results = evaluate(
+            {la: feats[la] for la in layers},
+            dataset.labels,
+            splits,
+            classifiers,
+            c_grid,
+            device=device,
+            progress=ctx.progress,
+        )
         t2 = time.perf_counter()
         table = result_table(results)
         rank, world = feats.rank, feats.world_size
@@ -249,11 +338,17 @@ class LinearProbe(Probe):
         d = result.data
         p = d["protocol"]
         rows = [
-            ("dataset", f"{d['dataset']['name']}: {len(d['dataset']['classes'])} classes, "
-                        f"{d['dataset']['n_images']} images"),
-            ("protocol", f"{','.join(map(str, p['train_per_class']))} train/class, ≤"
-                         f"{p['test_per_class']} test/class, {p['folds']} folds, seed "
-                         f"{d['seed']}; mean per-class accuracy % (± std over folds)"),
+            (
+                "dataset",
+                f"{d['dataset']['name']}: {len(d['dataset']['classes'])} classes, "
+                f"{d['dataset']['n_images']} images",
+            ),
+            (
+                "protocol",
+                f"{','.join(map(str, p['train_per_class']))} train/class, ≤"
+                f"{p['test_per_class']} test/class, {p['folds']} folds, seed "
+                f"{d['seed']}; mean per-class accuracy % (± std over folds)",
+            ),
             ("table", "  ".join(d["table"]["columns"])),
         ]
         dims = {la["layer"]: la["dim"] for la in d["layers"]}
@@ -261,9 +356,14 @@ class LinearProbe(Probe):
             label = f"{row['classifier']} ({row['layer']}, {dims.get(row['layer'], '?')}-d)"
             rows.append((label, "  ".join(row["cells"])))
         t = d["timing"]
-        rows.append(("features", f"{t['extract_s']:.1f} s "
-                     f"({'read from cache' if t['from_cache'] else 'extracted'}), "
-                     f"classifiers {t['classify_s']:.1f} s"))
+        rows.append(
+            (
+                "features",
+                f"{t['extract_s']:.1f} s "
+                f"({'read from cache' if t['from_cache'] else 'extracted'}), "
+                f"classifiers {t['classify_s']:.1f} s",
+            )
+        )
         rows.append(("files", ", ".join(Path(f).name for f in result.files)))
         return rows
 
@@ -300,8 +400,7 @@ class LinearProbe(Probe):
             "per class (Fig. 9 of the paper). Right: accuracy against depth for the largest "
             "training size (Table 7).</figcaption></figure>"
         )
-        return ReportSection("Linear probes per layer", html, [f"{self.name}/{png.name}"],
-                             order=60)
+        return ReportSection("Linear probes per layer", html, [f"{self.name}/{png.name}"], order=60)
 
 
 def _plot(d: dict[str, Any], path: Path) -> Path:
@@ -319,17 +418,38 @@ def _plot(d: dict[str, Any], path: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.4))
     for kind in kinds:
         for la, color in zip(layers, colors, strict=True):
-            rs = sorted((r for r in results if r["layer"] == la and r["classifier"] == kind),
-                        key=lambda r: r["k"])
-            left.errorbar([r["k"] for r in rs], [r["mean_pct"] for r in rs],
-                          yerr=[r["std_pct"] for r in rs], color=color,
-                          linestyle=styles.get(kind, "-"), marker="o", ms=3, capsize=2,
-                          label=f"{kind} ({la})")
-        top = [next(r for r in results if r["layer"] == la and r["classifier"] == kind
-                    and r["k"] == ks[-1]) for la in layers]
-        right.errorbar(range(len(layers)), [r["mean_pct"] for r in top],
-                       yerr=[r["std_pct"] for r in top], linestyle=styles.get(kind, "-"),
-                       marker="o", capsize=2, label=kind)
+            rs = sorted(
+                (r for r in results if r["layer"] == la and r["classifier"] == kind),
+                key=lambda r: r["k"],
+            )
+            left.errorbar(
+                [r["k"] for r in rs],
+                [r["mean_pct"] for r in rs],
+                yerr=[r["std_pct"] for r in rs],
+                color=color,
+                linestyle=styles.get(kind, "-"),
+                marker="o",
+                ms=3,
+                capsize=2,
+                label=f"{kind} ({la})",
+            )
+        top = [
+            next(
+                r
+                for r in results
+                if r["layer"] == la and r["classifier"] == kind and r["k"] == ks[-1]
+            )
+            for la in layers
+        ]
+        right.errorbar(
+            range(len(layers)),
+            [r["mean_pct"] for r in top],
+            yerr=[r["std_pct"] for r in top],
+            linestyle=styles.get(kind, "-"),
+            marker="o",
+            capsize=2,
+            label=kind,
+        )
     left.set_xlabel("training images per class")
     left.set_ylabel("mean per-class accuracy (%)")
     left.set_title("Accuracy vs training size (cf. Fig. 9)")

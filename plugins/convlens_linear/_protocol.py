@@ -194,15 +194,19 @@ def evaluate(
     layers = list(features)
     ks = sorted({s.k for s in splits})
     grid = sorted(float(c) for c in c_grid)
-    results = {(la, kind, k): Result(la, kind, k) for kind in classifiers for la in layers
-               for k in ks}
+    results = {
+        (la, kind, k): Result(la, kind, k) for kind in classifiers for la in layers for k in ks
+    }
     plan = [
         group
         for k in ks
         for group in _groups([(la, s) for la in layers for s in splits if s.k == k], features)
     ]
-    bar = (progress("fitting classifiers", len(plan) * len(classifiers)) if progress
-           else contextlib.nullcontext())
+    bar = (
+        progress("fitting classifiers", len(plan) * len(classifiers))
+        if progress
+        else contextlib.nullcontext()
+    )
     with bar as advance:
         for group in plan:
             prepared = [_prepare_split(features[la], labels, s, device) for la, s in group]
@@ -210,8 +214,12 @@ def evaluate(
                 _fit_group(group, prepared, kind, grid, n_classes, results)
                 if advance:
                     advance(1)
-    return [results[key] for key in sorted(results, key=lambda t: (
-        classifiers.index(t[1]), layers.index(t[0]), t[2]))]
+    return [
+        results[key]
+        for key in sorted(
+            results, key=lambda t: (classifiers.index(t[1]), layers.index(t[0]), t[2])
+        )
+    ]
 
 
 def _groups(items: list[tuple[str, Split]], features: Mapping[str, Any]) -> list[list]:
@@ -287,15 +295,17 @@ def _fit_group(
     chosen: list[tuple[float, list[float] | None]] = [(middle, None)] * len(group)
     with_cv = [i for i, p in enumerate(prepared) if p.cv is not None]
     if with_cv:
-        picked = _cv_select([prepared[i].cv for i in with_cv], kind, n_classes, grid,
-                            max_iter=400, tol=1e-6)
+        picked = _cv_select(
+            [prepared[i].cv for i in with_cv], kind, n_classes, grid, max_iter=400, tol=1e-6
+        )
         for i, (c, scores) in zip(with_cv, picked, strict=True):
             chosen[i] = (c, [100.0 * v for v in scores])
-    items = [(p.z, p.y, torch.tensor([c], dtype=p.z.dtype, device=p.z.device))
-             for p, (c, _) in zip(prepared, chosen, strict=True)]
+    items = [
+        (p.z, p.y, torch.tensor([c], dtype=p.z.dtype, device=p.z.device))
+        for p, (c, _) in zip(prepared, chosen, strict=True)
+    ]
     solved = _solve_many(items, kind, n_classes, max_iter=1000, tol=1e-6)
-    for (la, s), p, (a, b, _, ok), (c, scores) in zip(group, prepared, solved, chosen,
-                                                      strict=True):
+    for (la, s), p, (a, b, _, ok), (c, scores) in zip(group, prepared, solved, chosen, strict=True):
         pred = (p.z_test.to(a.dtype) @ a[0] + b[0]).argmax(1).cpu().numpy()
         acc = 100.0 * balanced_accuracy(pred, p.y_test, n_classes)
         pcs = [float(v) for v in 100.0 * per_class_accuracy(pred, p.y_test, n_classes)]
@@ -316,8 +326,7 @@ def result_table(results: Sequence[Result]) -> dict[str, Any]:
                 "classifier": kind,
                 "layer": layer,
                 "cells": [
-                    f"{cells[k].mean:.1f} ± {cells[k].std:.1f}" if k in cells else "—"
-                    for k in ks
+                    f"{cells[k].mean:.1f} ± {cells[k].std:.1f}" if k in cells else "—" for k in ks
                 ],
             }
             for (kind, layer), cells in rows.items()

@@ -150,6 +150,7 @@ def train_and_evaluate(
     pin = cfg.pin_memory and device.type == "cuda"
     local_b = max(1, cfg.batch_size // dist.world_size)
     t0 = time.perf_counter()
+
     def ten_crop(split, indices):
         return predict(model, bundle, split, indices, prep, cfg.eval_crops, local_b, dist,
                        speed.amp_dtype, workers, pin)  # fmt: skip

@@ -60,7 +60,8 @@ OPTIONS: tuple[Option, ...] = (
         "members",
         int,
         None,
-        "Models per experiment (seeds seed, seed+1, ...) for Table 2's ensembles.", min=1,
+        "Models per experiment (seeds seed, seed+1, ...) for Table 2's ensembles.",
+        min=1,
     ),
     Option("resume", bool, False, "Continue from each run's checkpoints/last.pt."),
     Option("fresh", bool, False, "Delete the runs' checkpoints and outputs and start over."),
@@ -103,7 +104,9 @@ OPTIONS: tuple[Option, ...] = (
         "--probe-option linear.data=/data/caltech101).",
         multiple=True,
     ),
-    Option("ckpt_minutes", float, None, "Checkpoint every N minutes (and at every epoch end).", min=0),
+    Option(
+        "ckpt_minutes", float, None, "Checkpoint every N minutes (and at every epoch end).", min=0
+    ),
     Option(
         "ensemble",
         Path,

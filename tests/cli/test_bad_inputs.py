@@ -56,23 +56,46 @@ def _rows():
         ("empty folder", [*occ, "--images", "{dir}/empty"], "empty"),
         ("missing path", [*occ, "--images", "{dir}/nope.png"], "nope.png"),
         ("unknown layer", [*dec, "--images", "{good}", "--layer", "conv9"], "conv9"),
-        ("channel out of range", [*dec, "--images", "{good}", "--layer", "conv5",
-                                  "--channels", "9999"], "9999"),  # fmt: skip
+        (
+            "channel out of range",
+            [*dec, "--images", "{good}", "--layer", "conv5", "--channels", "9999"],
+            "9999",
+        ),  # fmt: skip
         ("top 0", [*dec, "--images", "{good}", "--top", "0"], "--top"),
         ("negative stride", [*occ, "--images", "{good}", "--stride", "-4"], "--stride"),
         ("zero window", [*occ, "--images", "{good}", "--window", "0"], "--window"),
-        ("window larger than the image", [*occ, "--images", "{good}", "--window", "999"],
-         "window"),  # fmt: skip
+        (
+            "window larger than the image",
+            [*occ, "--images", "{good}", "--window", "999"],
+            "window",
+        ),  # fmt: skip
         ("target >= classes", [*occ, "--images", "{good}", "--target", "5000"], "5000"),
         ("unknown option", [*occ, "--images", "{good}", "--strid", "8"], "--strid"),
-        ("pickled code in weights", [*occ, "--images", "{good}", "--weights", "{dir}/evil.pt"],
-         "evil.pt"),  # fmt: skip
-        ("unknown model", ["probe", "occlusion", "--model", "zfnt", "--images", "{good}"],
-         "zfnt"),  # fmt: skip
+        (
+            "pickled code in weights",
+            [*occ, "--images", "{good}", "--weights", "{dir}/evil.pt"],
+            "evil.pt",
+        ),  # fmt: skip
+        (
+            "unknown model",
+            ["probe", "occlusion", "--model", "zfnt", "--images", "{good}"],
+            "zfnt",
+        ),  # fmt: skip
         ("out is a file", [*occ, "--images", "{good}", "--out", "{good}"], "good.png"),
-        ("token layer of a ViT", ["probe", "deconv", "--model", "vit_tiny_patch16_224",
-                                  "--images", "{good}", "--layer", "blocks.0"],
-         "blocks.0"),  # fmt: skip
+        (
+            "token layer of a ViT",
+            [
+                "probe",
+                "deconv",
+                "--model",
+                "vit_tiny_patch16_224",
+                "--images",
+                "{good}",
+                "--layer",
+                "blocks.0",
+            ],
+            "blocks.0",
+        ),  # fmt: skip
     ]
 
 

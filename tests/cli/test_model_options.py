@@ -70,9 +70,7 @@ def test_model_args_are_typed_and_reach_the_factory():
     assert net.drop_rate == 0.25 and net.fc.out_features == 4
 
 
-def test_mean_std_input_size_change_what_run_json_records_and_what_the_model_sees(
-    tmp_path, images
-):
+def test_mean_std_input_size_change_what_run_json_records_and_what_the_model_sees(tmp_path, images):
     res = convlens.run_probe(
         "occlusion", tiny_probe_model("resnet"), images=[images], out=tmp_path, device="cpu",
         window=16, stride=16, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], input_size=48,

@@ -24,8 +24,11 @@ def _support(model: nn.Module, layer: str, y: int, x: int, size: int) -> tuple[i
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.MaxPool2d):
             parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-            setattr(parent, name.rpartition(".")[2],
-                    nn.AvgPool2d(m.kernel_size, m.stride, m.padding, m.ceil_mode))
+            setattr(
+                parent,
+                name.rpartition(".")[2],
+                nn.AvgPool2d(m.kernel_size, m.stride, m.padding, m.ceil_mode),
+            )
     acts = {}
     mod = dict(model.named_modules())[layer]
     h = mod.register_forward_hook(lambda m, i, o: acts.__setitem__("a", o))
@@ -35,7 +38,10 @@ def _support(model: nn.Module, layer: str, y: int, x: int, size: int) -> tuple[i
     acts["a"][0, 0, y, x].backward()
     nz = inp.grad[0].abs().sum(0).nonzero()
     return (
-        int(nz[:, 1].min()), int(nz[:, 0].min()), int(nz[:, 1].max()) + 1, int(nz[:, 0].max()) + 1
+        int(nz[:, 1].min()),
+        int(nz[:, 0].min()),
+        int(nz[:, 1].max()) + 1,
+        int(nz[:, 0].max()) + 1,
     )
 
 
@@ -62,12 +68,24 @@ def test_rules_by_hand():
 @pytest.mark.parametrize(
     "layers",
     [
-        [nn.Conv2d(3, 2, 5, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2),
-         nn.Conv2d(2, 2, 3, padding=1)],
-        [nn.Conv2d(3, 2, 3, dilation=2, padding=2), nn.AvgPool2d(2), nn.Conv2d(2, 2, (3, 5)),
-         nn.ReLU6()],
-        [nn.Conv2d(3, 2, 3, stride=2), nn.BatchNorm2d(2), nn.Conv2d(2, 2, 3, groups=2),
-         nn.MaxPool2d(2, 2, padding=1)],
+        [
+            nn.Conv2d(3, 2, 5, stride=2, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(3, 2),
+            nn.Conv2d(2, 2, 3, padding=1),
+        ],
+        [
+            nn.Conv2d(3, 2, 3, dilation=2, padding=2),
+            nn.AvgPool2d(2),
+            nn.Conv2d(2, 2, (3, 5)),
+            nn.ReLU6(),
+        ],
+        [
+            nn.Conv2d(3, 2, 3, stride=2),
+            nn.BatchNorm2d(2),
+            nn.Conv2d(2, 2, 3, groups=2),
+            nn.MaxPool2d(2, 2, padding=1),
+        ],
     ],
 )
 def test_chain_fields_equal_gradient_support(layers):

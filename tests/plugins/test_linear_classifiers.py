@@ -71,8 +71,9 @@ def test_fit_many_equals_separate_fits():
     together = fit_many(sets, [1e-2, 1e-1, 1.0], "softmax", 5)
     for (x, y), c, clf in zip(sets, [1e-2, 1e-1, 1.0], together, strict=True):
         alone = fit_classifier(x, y, "softmax", c)
-        torch.testing.assert_close(clf.decision_function(x), alone.decision_function(x),
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            clf.decision_function(x), alone.decision_function(x), atol=1e-4, rtol=1e-4
+        )
 
 
 def test_cross_validated_c_agrees_with_gridsearchcv():
@@ -83,9 +84,13 @@ def test_cross_validated_c_agrees_with_gridsearchcv():
     folds = np.tile(np.arange(15) % 3, 5)  # the protocol's rule: i-th image of a class -> i mod 3
     xs = StandardScaler().fit_transform(x)
     for kind in ("softmax", "svm"):
-        (best, scores), = select_c([(x, y, folds)], kind, 5, grid)
-        search = GridSearchCV(sklearn_model(kind, 1.0), {"C": grid}, cv=PredefinedSplit(folds),
-                              scoring="balanced_accuracy").fit(xs, y)
+        ((best, scores),) = select_c([(x, y, folds)], kind, 5, grid)
+        search = GridSearchCV(
+            sklearn_model(kind, 1.0),
+            {"C": grid},
+            cv=PredefinedSplit(folds),
+            scoring="balanced_accuracy",
+        ).fit(xs, y)
         ref = search.cv_results_["mean_test_score"]
         np.testing.assert_allclose(scores, ref, atol=0.03)
         # the choice may differ only between C values that score the same (within noise)
@@ -121,7 +126,8 @@ def test_balanced_accuracy_is_sklearns():
     assert balanced_accuracy(pred, y, 4) == pytest.approx(balanced_accuracy_score(y, pred))
     pcs = per_class_accuracy(pred, y, 5)
     assert np.isnan(pcs[4]) and pcs[:4] == pytest.approx(
-        [np.mean(pred[y == c] == c) for c in range(4)])
+        [np.mean(pred[y == c] == c) for c in range(4)]
+    )
 
 
 def test_bad_classifier_name():

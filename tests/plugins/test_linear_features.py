@@ -36,8 +36,9 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def tiny() -> nn.Module:
     """The seeded tiny chain net with 32x32 preprocessing (no resize beyond 32, no crop)."""
     model, _ = tiny_model("chain")
-    model.convlens_info = ModelInfo("tiny-chain", "test", "seed0", False, 5, (3, 32, 32),
-                                    MEAN, STD, "bilinear", 1.0)
+    model.convlens_info = ModelInfo(
+        "tiny-chain", "test", "seed0", False, 5, (3, 32, 32), MEAN, STD, "bilinear", 1.0
+    )
     return model
 
 
@@ -62,13 +63,21 @@ def plain_features(model: nn.Module, paths, modules: list[str]) -> dict[str, np.
     """Reference: torchvision transforms + forward hooks, nothing from convlens."""
     from torchvision import transforms
 
-    tf = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32),
-                             transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    tf = transforms.Compose(
+        [
+            transforms.Resize(32),
+            transforms.CenterCrop(32),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
     x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
     got: dict[str, torch.Tensor] = {}
     named = dict(model.named_modules())
-    hooks = [named[m].register_forward_hook(lambda mod, i, o, m=m: got.__setitem__(m, o.clone()))
-             for m in modules]
+    hooks = [
+        named[m].register_forward_hook(lambda mod, i, o, m=m: got.__setitem__(m, o.clone()))
+        for m in modules
+    ]
     try:
         with torch.no_grad():
             model(x)
@@ -81,8 +90,9 @@ def plain_features(model: nn.Module, paths, modules: list[str]) -> dict[str, np.
 def test_features_equal_plain_forward_hooks(tmp_path):
     ds = scan_image_folder(make_folder(tmp_path / "data"))
     model = tiny()
-    feats = extract_features(model, ds, ["conv2", "conv3"], cache_dir=tmp_path / "cache",
-                             batch_size=5, shard_size=7)
+    feats = extract_features(
+        model, ds, ["conv2", "conv3"], cache_dir=tmp_path / "cache", batch_size=5, shard_size=7
+    )
     ref = plain_features(model, ds.paths, ["features.relu2", "features.relu3"])
     assert feats.n_shards == 4 and feats.computed_shards == [0, 1, 2, 3]
     for layer, module in (("conv2", "features.relu2"), ("conv3", "features.relu3")):
@@ -187,18 +197,33 @@ def test_interrupted_extraction_resumes_without_redoing_finished_shards(tmp_path
             raise _Stop
 
     with pytest.raises(_Stop):
-        extract_features(model, ds, ["conv2", "conv3"], cache_dir=cache, shard_size=4,
-                         batch_size=3, on_shard=interrupt)
+        extract_features(
+            model,
+            ds,
+            ["conv2", "conv3"],
+            cache_dir=cache,
+            shard_size=4,
+            batch_size=3,
+            on_shard=interrupt,
+        )
     done = sorted(p.name for p in cache.glob("*/features.relu3-*/shard-*.npy"))
     assert done == ["shard-00000.npy", "shard-00001.npy"]
     stamps = {p: p.stat().st_mtime_ns for p in cache.glob("*/*/shard-*.npy")}
     redone = []
-    resumed = extract_features(model, ds, ["conv2", "conv3"], cache_dir=cache, shard_size=4,
-                               batch_size=3, on_shard=redone.append)
+    resumed = extract_features(
+        model,
+        ds,
+        ["conv2", "conv3"],
+        cache_dir=cache,
+        shard_size=4,
+        batch_size=3,
+        on_shard=redone.append,
+    )
     assert redone == [2, 3, 4, 5] and resumed.computed_shards == [2, 3, 4, 5]
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
-    whole = extract_features(model, ds, ["conv2", "conv3"], cache_dir=tmp_path / "fresh",
-                             shard_size=4, batch_size=3)
+    whole = extract_features(
+        model, ds, ["conv2", "conv3"], cache_dir=tmp_path / "fresh", shard_size=4, batch_size=3
+    )
     for layer in ("conv2", "conv3"):
         np.testing.assert_array_equal(np.asarray(resumed[layer]), np.asarray(whole[layer]))
     assert not list(cache.rglob("*.tmp"))  # no half-written shard left behind
@@ -213,8 +238,10 @@ def test_unreadable_image_is_a_nan_row_and_reported(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         feats = extract_features(tiny(), ds, ["conv3"], cache_dir=tmp_path / "c")
-    assert any(issubclass(w.category, SkippedImageWarning) and "zz_broken" in str(w.message)
-               for w in caught)
+    assert any(
+        issubclass(w.category, SkippedImageWarning) and "zz_broken" in str(w.message)
+        for w in caught
+    )
     assert feats.skipped == ["class1/zz_broken.png"]
     assert int((~feats.valid).sum()) == 1 and np.isnan(np.asarray(feats["conv3"])[8]).all()
     again = extract_features(tiny(), ds, ["conv3"], cache_dir=tmp_path / "c")
@@ -253,18 +280,39 @@ def test_default_layers_spread_through_the_network():
         warnings.simplefilter("ignore")
         zf = create_model("zfnet_mini")
     # zfnet/alexnet: the paper's layers (Table 7), by alias
-    assert candidate_layers(zf) == ["conv1", "conv2", "conv3", "conv4", "conv5", "pool5",
-                                    "fc6", "fc7"]
+    assert candidate_layers(zf) == [
+        "conv1",
+        "conv2",
+        "conv3",
+        "conv4",
+        "conv5",
+        "pool5",
+        "fc6",
+        "fc7",
+    ]
     model, shape = tiny_model("resnet")
     # no aliases: the end of each resolution stage, then the pre-logits vector
     assert candidate_layers(model, torch.zeros(shape)) == ["pw", "se"]
     deep = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 16
-        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 8
-        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 4
-        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 2
-        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 16
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 8
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 4
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 2
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 6),
+        nn.ReLU(),
+        nn.Linear(6, 3),
     )
     x = torch.zeros(1, 3, 32, 32)
     assert candidate_layers(deep, x) == ["1", "4", "7", "10", "13", "14", "17"]
@@ -277,11 +325,20 @@ def _dist_worker(rank: int, world: int, init: str, root: str, cache: str, out: s
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        feats = extract_features(tiny(), scan_image_folder(root), ["conv2", "conv3"],
-                                 cache_dir=cache, shard_size=4, batch_size=4)
+        feats = extract_features(
+            tiny(),
+            scan_image_folder(root),
+            ["conv2", "conv3"],
+            cache_dir=cache,
+            shard_size=4,
+            batch_size=4,
+        )
         np.save(Path(out) / f"rank{rank}.npy", np.asarray(feats["conv3"]))
-        Path(out, f"rank{rank}.json").write_text(json.dumps(
-            {"computed": feats.computed_shards, "world": feats.world_size, "rank": feats.rank}))
+        Path(out, f"rank{rank}.json").write_text(
+            json.dumps(
+                {"computed": feats.computed_shards, "world": feats.world_size, "rank": feats.rank}
+            )
+        )
     finally:
         dist.destroy_process_group()
 
@@ -293,17 +350,37 @@ def test_two_gloo_ranks_write_their_shards_of_one_cache(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_dist_worker, args=(2, init, str(root), str(tmp_path / "cache"), str(out)),
-             nprocs=2, join=True)
-    single = extract_features(tiny(), scan_image_folder(root), ["conv2", "conv3"],
-                              cache_dir=tmp_path / "single", shard_size=4, batch_size=4)
+    mp.spawn(
+        _dist_worker,
+        args=(2, init, str(root), str(tmp_path / "cache"), str(out)),
+        nprocs=2,
+        join=True,
+    )
+    single = extract_features(
+        tiny(),
+        scan_image_folder(root),
+        ["conv2", "conv3"],
+        cache_dir=tmp_path / "single",
+        shard_size=4,
+        batch_size=4,
+    )
     for rank in (0, 1):
         info = json.loads((out / f"rank{rank}.json").read_text())
-        assert info == {"computed": [s for s in range(6) if s % 2 == rank], "world": 2,
-                        "rank": rank}
-        np.testing.assert_allclose(np.load(out / f"rank{rank}.npy"),
-                                   np.asarray(single["conv3"]), rtol=1e-6, atol=1e-6)
+        assert info == {
+            "computed": [s for s in range(6) if s % 2 == rank],
+            "world": 2,
+            "rank": rank,
+        }
+        np.testing.assert_allclose(
+            np.load(out / f"rank{rank}.npy"), np.asarray(single["conv3"]), rtol=1e-6, atol=1e-6
+        )
     # the ranks' cache is complete: a plain run reads it without computing anything
-    again = extract_features(tiny(), scan_image_folder(root), ["conv2", "conv3"],
-                             cache_dir=tmp_path / "cache", shard_size=4, batch_size=4)
+    again = extract_features(
+        tiny(),
+        scan_image_folder(root),
+        ["conv2", "conv3"],
+        cache_dir=tmp_path / "cache",
+        shard_size=4,
+        batch_size=4,
+    )
     assert again.from_cache

@@ -25,8 +25,9 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def tiny():
     model, _ = tiny_model("chain")
-    model.convlens_info = ModelInfo("tiny-chain", "test", "seed0", False, 5, (3, 32, 32),
-                                    MEAN, STD, "bilinear", 1.0)
+    model.convlens_info = ModelInfo(
+        "tiny-chain", "test", "seed0", False, 5, (3, 32, 32), MEAN, STD, "bilinear", 1.0
+    )
     return model
 
 
@@ -49,8 +50,16 @@ def test_registered_through_the_entry_point():
     assert probes.get("linear") is LinearProbe
     assert LinearProbe.needs_images is False
     flags = {o.flag for o in LinearProbe.options}
-    assert {"--data", "--layers", "--classifier", "--train-per-class", "--test-per-class",
-            "--folds", "--pool", "--cache"} <= flags
+    assert {
+        "--data",
+        "--layers",
+        "--classifier",
+        "--train-per-class",
+        "--test-per-class",
+        "--folds",
+        "--pool",
+        "--cache",
+    } <= flags
     assert "--seed" not in flags and "--out" not in flags  # common options, from the CLI
 
 
@@ -58,9 +67,28 @@ def test_registered_through_the_entry_point():
 def test_cli_on_an_image_folder_then_from_the_cache(tmp_path):
     data = make_folder(tmp_path / "data")
     out = tmp_path / "out"
-    args = ["probe", "linear", "--model", "zfnet_mini", "--data", str(data), "--layers",
-            "conv1,fc7", "--classifier", "svm", "--train-per-class", "1,2",
-            "--test-per-class", "3", "--folds", "2", "--seed", "5", "--out", str(out)]
+    args = [
+        "probe",
+        "linear",
+        "--model",
+        "zfnet_mini",
+        "--data",
+        str(data),
+        "--layers",
+        "conv1,fc7",
+        "--classifier",
+        "svm",
+        "--train-per-class",
+        "1,2",
+        "--test-per-class",
+        "3",
+        "--folds",
+        "2",
+        "--seed",
+        "5",
+        "--out",
+        str(out),
+    ]
     res = run_cli(args)
     assert res.returncode == 0, res.stderr
     assert "svm (conv1, " in res.stdout and "svm (fc7, " in res.stdout
@@ -72,7 +100,11 @@ def test_cli_on_an_image_folder_then_from_the_cache(tmp_path):
     conv1 = meta["layers"][0]
     assert conv1["pool"] == "avg" and conv1["dim"] <= 9216  # a big map is pooled by default
     assert [(r["layer"], r["classifier"], r["k"]) for r in meta["results"]] == [
-        ("conv1", "svm", 1), ("conv1", "svm", 2), ("fc7", "svm", 1), ("fc7", "svm", 2)]
+        ("conv1", "svm", 1),
+        ("conv1", "svm", 2),
+        ("fc7", "svm", 1),
+        ("fc7", "svm", 2),
+    ]
     # K = 1: no cross-validation possible, the grid's median is used and recorded as such
     assert all(f["cv_scores_pct"] is None and f["C"] == 1e-3 for f in meta["results"][0]["folds"])
     assert all(len(f["cv_scores_pct"]) == 6 for f in meta["results"][1]["folds"])
@@ -80,9 +112,20 @@ def test_cli_on_an_image_folder_then_from_the_cache(tmp_path):
     report = (out / "index.html").read_text()
     assert "Linear probes per layer" in report and "linear/linear.png" in report
     # the same run again (in-process, same model and options) reads the features back
-    again = run_probe("linear", "zfnet_mini", out=out, host=host(), data=data, seed=5,
-                      layers="conv1,fc7", classifier="svm", train_per_class="1,2",
-                      test_per_class=3, folds=2, overview=False)
+    again = run_probe(
+        "linear",
+        "zfnet_mini",
+        out=out,
+        host=host(),
+        data=data,
+        seed=5,
+        layers="conv1,fc7",
+        classifier="svm",
+        train_per_class="1,2",
+        test_per_class=3,
+        folds=2,
+        overview=False,
+    )
     assert again.data["timing"]["from_cache"] and again.data["timing"]["shards_computed"] == []
     assert "read from cache" in dict(LinearProbe().describe(again))["features"]
     assert again.data["results"] == meta["results"]
@@ -90,9 +133,20 @@ def test_cli_on_an_image_folder_then_from_the_cache(tmp_path):
 
 def test_embedded_digits_run(tmp_path):
     out = tmp_path / "out"
-    result = run_probe("linear", tiny(), out=out, host=host(), overview=False,
-                       embedded="digits", layers="conv2,conv3", classifier="softmax",
-                       train_per_class="3", test_per_class=4, folds=2, c_grid="1e-3,1")
+    result = run_probe(
+        "linear",
+        tiny(),
+        out=out,
+        host=host(),
+        overview=False,
+        embedded="digits",
+        layers="conv2,conv3",
+        classifier="softmax",
+        train_per_class="3",
+        test_per_class=4,
+        folds=2,
+        c_grid="1e-3,1",
+    )
     meta = result.data
     assert meta["dataset"]["embedded"] == "digits" and meta["dataset"]["n_images"] == 160
     assert meta["dataset"]["classes"] == [str(d) for d in range(10)]
@@ -121,18 +175,28 @@ def test_embedded_photo_views_written_once(tmp_path):
         embedded_dataset("cifar", tmp_path)
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"classifier": "softmax,knn"}, "--classifier 'knn'"),
-    ({"cv_folds": 1}, "--cv-folds: 1 is below its minimum 2"),
-    ({"c_grid": "1e-3,-1"}, "--c-grid"),
-    ({"train_per_class": "5"}, "class 'k0' has 5 readable image"),
-    ({"layers": "conv9"}, "conv9"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"classifier": "softmax,knn"}, "--classifier 'knn'"),
+        ({"cv_folds": 1}, "--cv-folds: 1 is below its minimum 2"),
+        ({"c_grid": "1e-3,-1"}, "--c-grid"),
+        ({"train_per_class": "5"}, "class 'k0' has 5 readable image"),
+        ({"layers": "conv9"}, "conv9"),
+    ],
+)
 def test_errors_name_the_option_at_fault(tmp_path, options, message):
     data = make_folder(tmp_path / "data")
     with pytest.raises(ConvlensError, match=message):
-        run_probe("linear", tiny(), out=tmp_path / "out", host=host(), overview=False,
-                  data=data, **{"train_per_class": "2", "folds": 1, **options})
+        run_probe(
+            "linear",
+            tiny(),
+            out=tmp_path / "out",
+            host=host(),
+            overview=False,
+            data=data,
+            **{"train_per_class": "2", "folds": 1, **options},
+        )
 
 
 def test_images_option_is_rejected_not_ignored(tmp_path):

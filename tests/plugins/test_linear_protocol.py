@@ -50,20 +50,27 @@ def test_splits_follow_the_documented_rule():
 
 def test_splits_refuse_a_class_too_small_for_k():
     labels = np.repeat(np.arange(2), [5, 3])
-    with pytest.raises(ConvlensError, match=r"class 'b' has 3 readable image\(s\).*needs at least 4"):
+    with pytest.raises(
+        ConvlensError, match=r"class 'b' has 3 readable image\(s\).*needs at least 4"
+    ):
         make_splits(labels, [3], 2, folds=1, seed=0, class_names=["a", "b"])
     with pytest.raises(ConvlensError):
         make_splits(labels, [0], 2, folds=1, seed=0)
 
 
 def test_table_cells_are_mean_and_population_std():
-    r = Result("conv5", "svm", 30, [FoldResult(f, a, 1.0, None, [], True)
-                                    for f, a in enumerate([80.0, 84.0, 82.0])])
+    r = Result(
+        "conv5",
+        "svm",
+        30,
+        [FoldResult(f, a, 1.0, None, [], True) for f, a in enumerate([80.0, 84.0, 82.0])],
+    )
     assert r.mean == pytest.approx(82.0) and r.std == pytest.approx(np.std([80, 84, 82]))
     table = result_table([r, Result("conv5", "svm", 15, [FoldResult(0, 70.0, 1, None, [], True)])])
-    assert table == {"columns": ["15/class", "30/class"],
-                     "rows": [{"classifier": "svm", "layer": "conv5",
-                               "cells": ["70.0 ± 0.0", "82.0 ± 1.6"]}]}
+    assert table == {
+        "columns": ["15/class", "30/class"],
+        "rows": [{"classifier": "svm", "layer": "conv5", "cells": ["70.0 ± 0.0", "82.0 ± 1.6"]}],
+    }
 
 
 # -- the independent check ---------------------------------------------------------------------
@@ -71,8 +78,9 @@ def test_table_cells_are_mean_and_population_std():
 
 def tiny() -> torch.nn.Module:
     model, _ = tiny_model("chain")
-    model.convlens_info = ModelInfo("tiny-chain", "test", "seed0", False, 5, (3, 32, 32),
-                                    MEAN, STD, "bilinear", 1.0)
+    model.convlens_info = ModelInfo(
+        "tiny-chain", "test", "seed0", False, 5, (3, 32, 32), MEAN, STD, "bilinear", 1.0
+    )
     return model
 
 
@@ -106,21 +114,40 @@ def test_independent_check_with_plain_hooks_and_sklearn(tmp_path):
 
     data = make_folder(tmp_path / "data")
     host = PluginHost(entry_points=False, extra=[("linear", convlens_linear)])
-    run_probe("linear", tiny(), out=tmp_path / "out", host=host, overview=False, data=data,
-              layers="conv2,conv3", train_per_class="4,10", test_per_class=20, folds=3,
-              c_grid="1e-4,1e-2,1", seed=3)
+    run_probe(
+        "linear",
+        tiny(),
+        out=tmp_path / "out",
+        host=host,
+        overview=False,
+        data=data,
+        layers="conv2,conv3",
+        train_per_class="4,10",
+        test_per_class=20,
+        folds=3,
+        c_grid="1e-4,1e-2,1",
+        seed=3,
+    )
     meta = json.loads((tmp_path / "out" / "linear" / "linear.json").read_text())
     assert [la["pool"] for la in meta["layers"]] == ["none", "none"]
     assert meta["protocol"]["c_grid"] == [1e-4, 1e-2, 1.0]
 
-    tf = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32),
-                             transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    tf = transforms.Compose(
+        [
+            transforms.Resize(32),
+            transforms.CenterCrop(32),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
     paths = [data / p for p in meta["dataset"]["paths"]]
     x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
     model, got = tiny(), {}
     modules = {"conv2": model.features.relu2, "conv3": model.features.relu3}
-    hooks = [m.register_forward_hook(lambda mod, i, o, k=k: got.__setitem__(k, o.flatten(1)))
-             for k, m in modules.items()]
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o, k=k: got.__setitem__(k, o.flatten(1)))
+        for k, m in modules.items()
+    ]
     with torch.no_grad():
         model(x)
     for h in hooks:
@@ -141,8 +168,12 @@ def test_independent_check_with_plain_hooks_and_sklearn(tmp_path):
             scaler = StandardScaler().fit(feats[train])
             xtr, xte = scaler.transform(feats[train]), scaler.transform(feats[test])
             for kind, est in models.items():
-                search = GridSearchCV(est, grid, scoring="balanced_accuracy",
-                                      cv=PredefinedSplit(np.asarray(split["cv_fold"])))
+                search = GridSearchCV(
+                    est,
+                    grid,
+                    scoring="balanced_accuracy",
+                    cv=PredefinedSplit(np.asarray(split["cv_fold"])),
+                )
                 search.fit(xtr, labels[train])
                 acc = 100 * balanced_accuracy_score(labels[test], search.predict(xte))
                 accs.setdefault((layer, kind, split["k"]), []).append(acc)

@@ -40,7 +40,6 @@ TINY = {
 }
 
 
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("zf")

@@ -280,40 +280,19 @@ def test_default_layers_spread_through_the_network():
         warnings.simplefilter("ignore")
         zf = create_model("zfnet_mini")
     # zfnet/alexnet: the paper's layers (Table 7), by alias
-    assert candidate_layers(zf) == [
-        "conv1",
-        "conv2",
-        "conv3",
-        "conv4",
-        "conv5",
-        "pool5",
-        "fc6",
-        "fc7",
-    ]
+    assert candidate_layers(zf) == ["conv1", "conv2", "conv3", "conv4", "conv5", "pool5",
+                                    "fc6", "fc7"]  # fmt: skip
     model, shape = tiny_model("resnet")
     # no aliases: the end of each resolution stage, then the pre-logits vector
     assert candidate_layers(model, torch.zeros(shape)) == ["pw", "se"]
     deep = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),  # 16
-        nn.Conv2d(4, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),  # 8
-        nn.Conv2d(4, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),  # 4
-        nn.Conv2d(4, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),  # 2
-        nn.Conv2d(4, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4, 6),
-        nn.ReLU(),
-        nn.Linear(6, 3),
-    )
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 16
+        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 8
+        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 4
+        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 2
+        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3),
+    )  # fmt: skip
     x = torch.zeros(1, 3, 32, 32)
     assert candidate_layers(deep, x) == ["1", "4", "7", "10", "13", "14", "17"]
     assert default_layers(deep, 4, x) == ["1", "7", "13", "17"]

@@ -196,34 +196,20 @@ def test_interrupted_extraction_resumes_without_redoing_finished_shards(tmp_path
         if s == 1:
             raise _Stop
 
+    def extract(on_shard, cache_dir=cache):
+        return extract_features(model, ds, ["conv2", "conv3"], cache_dir=cache_dir, shard_size=4,
+                                batch_size=3, on_shard=on_shard)  # fmt: skip
+
     with pytest.raises(_Stop):
-        extract_features(
-            model,
-            ds,
-            ["conv2", "conv3"],
-            cache_dir=cache,
-            shard_size=4,
-            batch_size=3,
-            on_shard=interrupt,
-        )
+        extract(interrupt)
     done = sorted(p.name for p in cache.glob("*/features.relu3-*/shard-*.npy"))
     assert done == ["shard-00000.npy", "shard-00001.npy"]
     stamps = {p: p.stat().st_mtime_ns for p in cache.glob("*/*/shard-*.npy")}
     redone = []
-    resumed = extract_features(
-        model,
-        ds,
-        ["conv2", "conv3"],
-        cache_dir=cache,
-        shard_size=4,
-        batch_size=3,
-        on_shard=redone.append,
-    )
+    resumed = extract(redone.append)
     assert redone == [2, 3, 4, 5] and resumed.computed_shards == [2, 3, 4, 5]
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
-    whole = extract_features(
-        model, ds, ["conv2", "conv3"], cache_dir=tmp_path / "fresh", shard_size=4, batch_size=3
-    )
+    whole = extract(None, tmp_path / "fresh")
     for layer in ("conv2", "conv3"):
         np.testing.assert_array_equal(np.asarray(resumed[layer]), np.asarray(whole[layer]))
     assert not list(cache.rglob("*.tmp"))  # no half-written shard left behind
@@ -335,14 +321,12 @@ def test_two_gloo_ranks_write_their_shards_of_one_cache(tmp_path):
         nprocs=2,
         join=True,
     )
-    single = extract_features(
-        tiny(),
-        scan_image_folder(root),
-        ["conv2", "conv3"],
-        cache_dir=tmp_path / "single",
-        shard_size=4,
-        batch_size=4,
-    )
+
+    def extract(cache_dir):
+        return extract_features(tiny(), scan_image_folder(root), ["conv2", "conv3"],
+                                cache_dir=cache_dir, shard_size=4, batch_size=4)  # fmt: skip
+
+    single = extract(tmp_path / "single")
     for rank in (0, 1):
         info = json.loads((out / f"rank{rank}.json").read_text())
         assert info == {
@@ -354,12 +338,5 @@ def test_two_gloo_ranks_write_their_shards_of_one_cache(tmp_path):
             np.load(out / f"rank{rank}.npy"), np.asarray(single["conv3"]), rtol=1e-6, atol=1e-6
         )
     # the ranks' cache is complete: a plain run reads it without computing anything
-    again = extract_features(
-        tiny(),
-        scan_image_folder(root),
-        ["conv2", "conv3"],
-        cache_dir=tmp_path / "cache",
-        shard_size=4,
-        batch_size=4,
-    )
+    again = extract(tmp_path / "cache")
     assert again.from_cache

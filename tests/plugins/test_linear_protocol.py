@@ -114,20 +114,9 @@ def test_independent_check_with_plain_hooks_and_sklearn(tmp_path):
 
     data = make_folder(tmp_path / "data")
     host = PluginHost(entry_points=False, extra=[("linear", convlens_linear)])
-    run_probe(
-        "linear",
-        tiny(),
-        out=tmp_path / "out",
-        host=host,
-        overview=False,
-        data=data,
-        layers="conv2,conv3",
-        train_per_class="4,10",
-        test_per_class=20,
-        folds=3,
-        c_grid="1e-4,1e-2,1",
-        seed=3,
-    )
+    run_probe("linear", tiny(), out=tmp_path / "out", host=host, overview=False, data=data,
+              layers="conv2,conv3", train_per_class="4,10", test_per_class=20, folds=3,
+              c_grid="1e-4,1e-2,1", seed=3)  # fmt: skip
     meta = json.loads((tmp_path / "out" / "linear" / "linear.json").read_text())
     assert [la["pool"] for la in meta["layers"]] == ["none", "none"]
     assert meta["protocol"]["c_grid"] == [1e-4, 1e-2, 1.0]

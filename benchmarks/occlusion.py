@@ -251,8 +251,8 @@ def cli_bench(name: str, window: int, stride: int, target: int, ppe: int, repeat
         t["captum"].append(time.perf_counter() - t0)
     med = {k: float(np.median(v)) for k, v in t.items()}
     low = {k: min(v) for k, v in t.items()}
-    # the work of a run: its wall clock minus its own start-up (process start to the probe's
-    # start, from run.json), and, as a cross-check, minus the separate start-up subprocess
+    # the work of a run: its wall clock minus its own start-up (process start to model ready,
+    # from run.json), and, as a cross-check, minus the separate start-up subprocess
     work = {k: {"median": float(np.median(own[k])), "min": min(own[k]),
                 "median_separate": med[k] - med["startup"], "min_separate": low[k] - low["startup"]}
             for k in ("first", "later")}  # fmt: skip

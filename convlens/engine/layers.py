@@ -102,26 +102,31 @@ def _example_input(model: nn.Module, batch: int = 1) -> torch.Tensor:
     return torch.zeros((batch, *size), device=device, dtype=dtype)
 
 
-def trace_model(model: nn.Module, x: torch.Tensor | None = None):
-    """Run one forward pass (on ``x``, or zeros of the model's input size) and return the
-    :class:`~convlens.engine.recorder.Recording` with the full trace and receptive fields."""
+def _inference_pass(model: nn.Module, x: torch.Tensor, switches: bool) -> tuple[Any, Any]:
+    """``(recording, output)`` of one eval-mode inference pass with the engine's trace; the
+    model's training flag is restored. A convolution covering its input (VGG's fully connected
+    layers) runs as the matrix product it is: no per-call weight reorder (``linear_convs``)."""
     from convlens.engine.linear_convs import ConvAsLinear
     from convlens.engine.recorder import record
 
-    if x is None:
-        x = _example_input(model)
     was_training = model.training
     model.eval()
     try:
         with (
             torch.inference_mode(),
             ConvAsLinear(),
-            record(model, switches=True, trace=True) as rec,
+            record(model, switches=switches, trace=True) as rec,
         ):
-            model(x)
+            out = model(x)
     finally:
         model.train(was_training)
-    return rec
+    return rec, out
+
+
+def trace_model(model: nn.Module, x: torch.Tensor | None = None):
+    """Run one forward pass (on ``x``, or zeros of the model's input size) and return the
+    :class:`~convlens.engine.recorder.Recording` with the full trace and receptive fields."""
+    return _inference_pass(model, _example_input(model) if x is None else x, switches=True)[0]
 
 
 # the latest traced pass of each model: (key, input, recording, output); weak on the model
@@ -138,27 +143,13 @@ def traced_pass(model: nn.Module, x1: torch.Tensor) -> tuple[Any, Any]:
     same pass. A later call with the same weights and modes (``engine.precision.model_signature``)
     and an equal image returns the stored pair without running the model.
     Only the latest image of each model is kept; the model is held weakly."""
-    from convlens.engine.linear_convs import ConvAsLinear
     from convlens.engine.precision import model_signature
-    from convlens.engine.recorder import record
 
     key = (model_signature(model), tuple(x1.shape), x1.dtype, str(x1.device))
     found = _PASSES.get(model)
     if found is not None and found[0] == key and torch.equal(found[1], x1):
         return found[2], found[3]
-    was = model.training
-    model.eval()
-    try:
-        # a convolution covering its input (VGG's fully connected layers) as the matrix product
-        # it is: no per-call weight reorder (linear_convs)
-        with (
-            torch.inference_mode(),
-            ConvAsLinear(),
-            record(model, switches=False, trace=True) as rec,
-        ):
-            out = model(x1)
-    finally:
-        model.train(was)
+    rec, out = _inference_pass(model, x1, switches=False)
     rec.activations = {}
     rec.model = weakref.proxy(model)  # the stored pass must not keep the model alive
     _PASSES[model] = (key, x1.detach().clone(), rec, out)
